@@ -1,0 +1,21 @@
+"""ca-flax: Coordinate Attention, MobileNetV2 and MobileNeXt in Flax, exact to the released weights."""
+
+from ca_flax.attention import CBAM, CoordAttention, SqueezeExcite
+from ca_flax.registry import create_model, list_models
+
+__all__ = [
+    "CBAM",
+    "CoordAttention",
+    "SqueezeExcite",
+    "create_model",
+    "list_models",
+    "load_pretrained",
+]
+__version__ = "0.1.0"
+
+
+def load_pretrained(directory):  # noqa: ANN001, ANN201 - typed in ca_flax.pretrained
+    """Read a converted checkpoint directory back: returns `(model, variables)`."""
+    from ca_flax.pretrained import load_pretrained as _load
+
+    return _load(directory)

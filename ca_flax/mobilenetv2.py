@@ -1,0 +1,109 @@
+"""MobileNetV2 (Sandler et al.) with an optional attention block in every expanding block.
+
+Layout and names follow the released `mbv2_ca.pth`: `features_0` stem, `features_1..17`
+inverted residual blocks, `conv` head, `classifier_1` linear layer.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from ca_flax.attention import attention_factory
+from ca_flax.layers import Array, Dtype, Sequential, dense_init, make_divisible
+
+# (expansion t, output channels c, repeats n, first stride s), from the paper.
+MOBILENETV2_SETTINGS = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
+
+
+class ConvBNReLU(nn.Module):
+    """Dense conv (3x3 stride s, or 1x1) + BN + ReLU6, named like `Sequential(conv, bn, relu)`."""
+
+    features: int
+    kernel_size: int = 3
+    stride: int = 1
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        seq = Sequential("", train, self.dtype)
+        if self.kernel_size == 3:
+            x = seq.conv3x3(x, self.features, self.stride)
+        else:
+            x = seq.pointwise(x, self.features)
+        return seq.act(seq.bn(x))
+
+
+class InvertedResidual(nn.Module):
+    """Expand (1x1) -> depthwise 3x3 -> [attention] -> project (1x1, linear), residual if shapes match."""
+
+    in_channels: int
+    out_channels: int
+    stride: int
+    expansion: int
+    attention: str | None = None
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        seq = Sequential("conv", train, self.dtype)
+        y = x
+        if self.expansion == 1:
+            y = seq.act(seq.bn(seq.depthwise(y, self.stride)))
+        else:
+            hidden = round(self.in_channels * self.expansion)
+            y = seq.act(seq.bn(seq.pointwise(y, hidden)))
+            y = seq.act(seq.bn(seq.depthwise(y, self.stride)))
+            attention = attention_factory(self.attention, self.in_channels, self.dtype)
+            if attention is not None:
+                y = seq.module(attention, y)
+        y = seq.bn(seq.pointwise(y, self.out_channels))
+        if self.stride == 1 and self.in_channels == self.out_channels:
+            y = x + y
+        return y
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 at any width; `attention` is None, 'se', 'cbam' or 'ca'. NHWC input."""
+
+    num_classes: int = 1000
+    width_mult: float = 1.0
+    attention: str | None = None
+    dropout_rate: float = 0.1
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        x = x.astype(self.dtype)
+        channels = make_divisible(32 * self.width_mult, 8)
+        x = ConvBNReLU(channels, 3, 2, self.dtype, name="features_0")(x, train)
+        index = 1
+        for t, c, n, s in MOBILENETV2_SETTINGS:
+            out = make_divisible(c * self.width_mult, 8)
+            for i in range(n):
+                x = InvertedResidual(
+                    channels,
+                    out,
+                    s if i == 0 else 1,
+                    t,
+                    self.attention,
+                    self.dtype,
+                    name=f"features_{index}",
+                )(x, train)
+                channels, index = out, index + 1
+        last = make_divisible(1280 * self.width_mult, 8) if self.width_mult > 1.0 else 1280
+        x = ConvBNReLU(last, 1, 1, self.dtype, name="conv")(x, train)
+        x = jnp.mean(x, axis=(1, 2))
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        x = nn.Dense(
+            self.num_classes, dtype=self.dtype, kernel_init=dense_init, name="classifier_1"
+        )(x)
+        return x.astype(jnp.float32)

@@ -1,0 +1,82 @@
+"""Converted-checkpoint directories: an orbax checkpoint of the variables plus `ca_flax.json`.
+
+Directories are written to a temporary sibling and renamed into place, so a failed write
+never leaves a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from ca_flax.registry import create_model
+
+METADATA_FILE = "ca_flax.json"
+VARIABLES_DIR = "variables"
+FORMAT_VERSION = 1
+
+
+def save_pretrained(
+    directory: str | Path,
+    name: str,
+    variables: dict[str, Any],
+    model_kwargs: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write `variables` of `create_model(name, **model_kwargs)` to a new directory, atomically."""
+    directory = Path(directory).absolute()
+    if directory.exists():
+        raise FileExistsError(f"{directory}: already exists; choose a new output directory")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        "model": name,
+        "model_kwargs": dict(model_kwargs or {}),
+        **(extra or {}),
+    }
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(tmp / VARIABLES_DIR, jax.tree.map(jnp.asarray, variables))
+        checkpointer.wait_until_finished()
+        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def read_metadata(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / METADATA_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory}: not a ca_flax checkpoint ({METADATA_FILE} missing)")
+    return json.loads(path.read_text())
+
+
+def load_pretrained(
+    directory: str | Path, **model_overrides: Any
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Model and variables from a directory written by `save_pretrained` or the converter.
+
+    `model_overrides` (e.g. `dtype=jnp.bfloat16`) change how the model computes, not its shapes.
+    """
+    directory = Path(directory).absolute()
+    metadata = read_metadata(directory)
+    kwargs = {**metadata["model_kwargs"], **model_overrides}
+    model = create_model(metadata["model"], **kwargs)
+    target = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False)
+    )
+    target = {k: target[k] for k in ("params", "batch_stats")}
+    variables = ocp.StandardCheckpointer().restore(directory / VARIABLES_DIR, target)
+    return model, variables

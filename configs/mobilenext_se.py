@@ -1,0 +1,12 @@
+"""Table row `mobilenext_se` on ImageNet with the paper's recipe (configs/imagenet_base.py)."""
+
+import ml_collections
+
+from configs import imagenet_base
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """imagenet_base with `model = "mobilenext_se"`; width via `--config.width_mult`."""
+    config = imagenet_base.get_config()
+    config.model = "mobilenext_se"
+    return config

@@ -1,0 +1,120 @@
+"""CLI: `python -m ca_flax.visualize --checkpoint DIR IMAGE --out maps.png [--blocks ...]`.
+
+Draws, for each chosen Coordinate Attention block, the height gate, the width gate and their
+product (channel means) as heat maps over the preprocessed 224x224 crop, one row per block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from ca_flax.attention_maps import AttentionMapError, BlockMaps, ca_maps, select_blocks  # noqa: E402
+from ca_flax.preprocess import ImageError, crop_image, load_image, normalize  # noqa: E402
+
+PANEL_INCHES = 3.0
+COLUMNS = (
+    ("height attention a_h", "height"),
+    ("width attention a_w", "width"),
+    ("a_h x a_w", "product"),
+)
+
+
+def plot_maps(crop: Image.Image, maps: Sequence[BlockMaps], dpi: int = 100) -> plt.Figure:
+    """A (blocks x 3) grid of heat maps blended over `crop`, with titles and colour bars."""
+    rows = len(maps)
+    fig, axes = plt.subplots(
+        rows,
+        len(COLUMNS),
+        figsize=(PANEL_INCHES * len(COLUMNS), PANEL_INCHES * rows),
+        dpi=dpi,
+        squeeze=False,
+        layout="constrained",
+    )
+    size = crop.size
+    for row, block in zip(axes, maps, strict=True):
+        for ax, (title, method) in zip(row, COLUMNS, strict=True):
+            heat = getattr(block, method)()
+            ax.imshow(crop)
+            im = ax.imshow(
+                heat,
+                cmap="jet",
+                alpha=0.5,
+                extent=(0, size[0], size[1], 0),
+                interpolation="bilinear",
+            )
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+            ax.set_title(title, fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        h, w = block.a_h.shape[0], block.a_w.shape[0]
+        row[0].set_ylabel(f"{block.path}\n{h}x{w}, {block.a_h.shape[1]} ch", fontsize=9)
+    return fig
+
+
+def save_figure(fig: plt.Figure, out: str | Path) -> Path:
+    """Write the figure as PNG to a temporary sibling, then rename it into place."""
+    out = Path(out).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=fig.dpi)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+    return out
+
+
+def render(checkpoint: str, image: str, out: str, blocks: Sequence[str] | None, dpi: int) -> Path:
+    """Load checkpoint and image, compute the sown CA gates and write the grid to `out`."""
+    from ca_flax.pretrained import load_pretrained
+
+    crop = crop_image(load_image(image))
+    model, variables = load_pretrained(checkpoint)
+    maps = select_blocks(ca_maps(model, variables, normalize(crop)[None]), blocks)
+    return save_figure(plot_maps(crop, maps, dpi), out)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m ca_flax.visualize",
+        description="Draw Coordinate Attention maps (height, width, product) over an image.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="directory of a *_ca checkpoint")
+    parser.add_argument("image", help="image file (any PIL format)")
+    parser.add_argument("--out", required=True, help="output PNG path")
+    parser.add_argument(
+        "--blocks", nargs="+", help="blocks to draw, e.g. 2 9 features_16 (default: 4 spread out)"
+    )
+    parser.add_argument("--dpi", type=int, default=100, help="pixels per inch (3 in per panel)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        out = render(args.checkpoint, args.image, args.out, args.blocks, args.dpi)
+    except (AttentionMapError, ImageError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

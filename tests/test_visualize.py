@@ -1,0 +1,111 @@
+"""Attention-map CLI: the sown gates equal a hand computation; the PNG is the right size."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+from tiny_models import random_variables
+
+from ca_flax import create_model
+from ca_flax.attention_maps import AttentionMapError, ca_maps, select_blocks
+from ca_flax.pretrained import save_pretrained
+from ca_flax.visualize import main
+
+KWARGS = {"width_mult": 0.35}
+SIZE = 64
+
+
+def hand_gates(x, p, stats):
+    """CoordAttention's a_h and a_w from its input, in numpy (pool, conv1+BN+h_swish, sigmoid)."""
+    x = np.asarray(x, np.float64)
+    h = x.shape[1]
+    y = np.concatenate([x.mean(axis=2), x.mean(axis=1)], axis=1)  # (N, H + W, C)
+    y = y @ np.asarray(p["conv1"]["kernel"])[0, 0] + np.asarray(p["conv1"]["bias"])
+    mean, var = np.asarray(stats["bn1"]["mean"]), np.asarray(stats["bn1"]["var"])
+    y = (y - mean) / np.sqrt(var + 1e-5) * np.asarray(p["bn1"]["scale"]) + np.asarray(
+        p["bn1"]["bias"]
+    )
+    y = y * np.clip(y + 3, 0, 6) / 6
+
+    def gate(part, name):
+        z = part @ np.asarray(p[name]["kernel"])[0, 0] + np.asarray(p[name]["bias"])
+        return 1 / (1 + np.exp(-z))
+
+    return gate(y[:, :h], "conv2"), gate(y[:, h:], "conv3")
+
+
+@pytest.mark.parametrize(
+    ("name", "block", "ca", "before"),
+    [
+        ("mobilenetv2_ca", "features_2", "conv_6", "conv_4"),
+        ("mobilenext_ca", "features_1", "conv_3", "conv_1"),
+    ],
+)
+def test_maps_equal_hand_computed_gates(name, block, ca, before):
+    model = create_model(name, **KWARGS)
+    variables = random_variables(model)
+    x = jax.random.normal(jax.random.key(3), (1, SIZE, SIZE, 3))
+    maps = {m.block: m for m in ca_maps(model, variables, x)}
+    capture = jax.jit(
+        lambda v, x: model.apply(
+            v,
+            x,
+            train=False,
+            capture_intermediates=lambda mdl, _: mdl.name == before,
+            mutable=["intermediates"],
+        )
+    )
+    _, state = capture(variables, x)
+    ca_input = np.clip(np.asarray(state["intermediates"][block][before]["__call__"][0]), 0, 6)
+    a_h, a_w = hand_gates(
+        ca_input, variables["params"][block][ca], variables["batch_stats"][block][ca]
+    )
+    m = maps[block]
+    assert m.path == f"{block}/{ca}"
+    np.testing.assert_allclose(m.a_h, a_h[0], atol=1e-5)
+    np.testing.assert_allclose(m.a_w, a_w[0], atol=1e-5)
+    np.testing.assert_allclose(m.product(), (a_h[0][:, None] * a_w[0][None]).mean(-1), atol=1e-5)
+    assert m.a_h.std() > 1e-3 and m.a_w.std() > 1e-3
+
+
+def test_block_selection_and_errors():
+    model = create_model("mobilenetv2_ca", **KWARGS)
+    maps = ca_maps(model, random_variables(model), jnp.zeros((1, 32, 32, 3)))
+    assert [m.block for m in maps] == [f"features_{i}" for i in range(2, 18)]
+    assert [m.block for m in select_blocks(maps, None)] == [
+        "features_2",
+        "features_7",
+        "features_12",
+        "features_17",
+    ]
+    assert [m.block for m in select_blocks(maps, ["3", "features_9"])] == [
+        "features_3",
+        "features_9",
+    ]
+    with pytest.raises(AttentionMapError, match="no CA block features_1;"):
+        select_blocks(maps, ["features_1"])
+    plain = create_model("mobilenetv2_se", **KWARGS)
+    with pytest.raises(AttentionMapError, match="no Coordinate Attention"):
+        ca_maps(plain, random_variables(plain), jnp.zeros((1, 32, 32, 3)))
+
+
+def test_cli_writes_labelled_png(tmp_path, capsys):
+    model = create_model("mobilenetv2_ca", **KWARGS)
+    ckpt = save_pretrained(tmp_path / "ckpt", "mobilenetv2_ca", random_variables(model), KWARGS)
+    rng = np.random.default_rng(0)
+    image = tmp_path / "photo.jpg"
+    Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(image)
+    out = tmp_path / "maps.png"
+    argv = ["--checkpoint", str(ckpt), str(image), "--out", str(out), "--blocks", "2", "17"]
+    assert main([*argv, "--dpi", "50"]) == 0
+    png = np.asarray(Image.open(out).convert("RGB"))
+    assert png.shape == (2 * 150, 3 * 150, 3)
+    assert png.std() > 20 and len(np.unique(png.reshape(-1, 3), axis=0)) > 1000
+    assert main([*argv[:-3], "--blocks", "1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [err[0]] and err[0].startswith("error: no CA block 1;")
+    assert main(["--checkpoint", str(ckpt), str(tmp_path / "nope.jpg"), "--out", str(out)]) == 1
+    assert "nope.jpg: no such file" in capsys.readouterr().err

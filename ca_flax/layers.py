@@ -31,6 +31,11 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
     return rounded
 
 
+def accum_dtype(dtype: Dtype) -> Dtype:
+    """Dtype for statistics and sums: float32 for bf16/fp32 compute, float64 under x64."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def relu6(x: Array) -> Array:
     return jnp.clip(x, 0.0, 6.0)
 
@@ -44,7 +49,7 @@ class BatchNorm(nn.Module):
     """BatchNorm over all but the channel axis, with torch.nn.BatchNorm2d's exact semantics.
 
     eps 1e-5, momentum 0.1, and running variance updated with the *unbiased* batch variance,
-    so BatchNorm updates match PyTorch. Statistics are computed in float32 whatever `dtype` is.
+    so BatchNorm updates match PyTorch. Statistics are computed in at least float32.
     Under `jax.jit` on a mesh the batch axis is global, so statistics span the global batch.
     """
 
@@ -61,9 +66,9 @@ class BatchNorm(nn.Module):
         ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
         if train:
             axes = tuple(range(x.ndim - 1))
-            x32 = x.astype(jnp.float32)
-            mean = jnp.mean(x32, axes)
-            var = jnp.mean(jnp.square(x32 - mean), axes)
+            xs = x.astype(accum_dtype(x.dtype))
+            mean = jnp.mean(xs, axes)
+            var = jnp.mean(jnp.square(xs - mean), axes)
             if not self.is_initializing():
                 count = math.prod(x.shape[:-1])
                 unbiased = var * (count / max(count - 1, 1))
@@ -87,7 +92,8 @@ def depthwise_conv3x3(x: Array, kernel: Array, stride: int) -> Array:
     n, h, w, c = x.shape
     h_out, w_out = (h - 1) // stride + 1, (w - 1) // stride + 1
     padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    taps = kernel.reshape(3, 3, c).astype(jnp.float32)
+    acc = accum_dtype(x.dtype)
+    taps = kernel.reshape(3, 3, c).astype(acc)
     out = None
     for i in range(3):
         for j in range(3):
@@ -97,7 +103,7 @@ def depthwise_conv3x3(x: Array, kernel: Array, stride: int) -> Array:
                 (n, i + stride * (h_out - 1) + 1, j + stride * (w_out - 1) + 1, c),
                 (1, stride, stride, 1),
             )
-            term = window.astype(jnp.float32) * taps[i, j]
+            term = window.astype(acc) * taps[i, j]
             out = term if out is None else out + term
     return out.astype(x.dtype)
 

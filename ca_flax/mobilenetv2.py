@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ca_flax.attention import attention_factory
-from ca_flax.layers import Array, Dtype, Sequential, dense_init, make_divisible
+from ca_flax.layers import Array, Dtype, Sequential, accum_dtype, dense_init, make_divisible
 
 # (expansion t, output channels c, repeats n, first stride s), from the paper.
 MOBILENETV2_SETTINGS = (
@@ -106,4 +106,4 @@ class MobileNetV2(nn.Module):
         x = nn.Dense(
             self.num_classes, dtype=self.dtype, kernel_init=dense_init, name="classifier_1"
         )(x)
-        return x.astype(jnp.float32)
+        return x.astype(accum_dtype(self.dtype))

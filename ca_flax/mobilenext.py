@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ca_flax.attention import attention_factory
-from ca_flax.layers import Array, Dtype, Sequential, dense_init, make_divisible
+from ca_flax.layers import Array, Dtype, Sequential, accum_dtype, dense_init, make_divisible
 from ca_flax.mobilenetv2 import ConvBNReLU
 
 # (reduction t, output channels c, repeats n, first stride s), from the official release.
@@ -104,4 +104,4 @@ class MobileNeXt(nn.Module):
         x = nn.Dense(
             self.num_classes, dtype=self.dtype, kernel_init=dense_init, name="classifier_1"
         )(x)
-        return x.astype(jnp.float32)
+        return x.astype(accum_dtype(self.dtype))

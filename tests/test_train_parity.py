@@ -1,0 +1,154 @@
+"""Train mode matches PyTorch: loss, gradients and BatchNorm running statistics after one step.
+
+A randomly initialised deep BatchNorm network in train mode amplifies rounding: PyTorch's own
+float32 gradients differ from its float64 gradients by ~1% (median over tensors). So the
+1e-4 relative bar is checked with both frameworks in float64 (same formulas, same numbers),
+and float32 gradients are checked to be as close to the float64 truth as PyTorch's own.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+import torch_reference
+
+import ca_flax
+from ca_flax.convert import convert_state_dict, expected_layout
+
+NUM_CLASSES = 10
+
+
+def torch_step(ref: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """Loss, gradients (by key) and updated buffers (by key) of one train-mode step."""
+    ref.train()
+    ref.classifier[0].p = 0.0
+    loss = torch.nn.functional.cross_entropy(ref(x), y)
+    loss.backward()
+    grads = {k: p.grad.numpy() for k, p in ref.named_parameters()}
+    buffers = {k: b.numpy() for k, b in ref.named_buffers() if "num_batches" not in k}
+    return loss.item(), grads, buffers
+
+
+def flax_step(name: str, state: dict, x: np.ndarray, y: np.ndarray, dtype):
+    variables = convert_state_dict(state, name, num_classes=NUM_CLASSES)
+    model = ca_flax.create_model(name, num_classes=NUM_CLASSES, dropout_rate=0.0, dtype=dtype)
+
+    def loss_fn(params):
+        logits, new_state = model.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        return loss, new_state["batch_stats"]
+
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
+    return float(loss), grads, stats
+
+
+def by_torch_key(name: str, grads, stats) -> dict[str, np.ndarray]:
+    """Flax gradients and statistics in PyTorch layout, keyed like the state_dict."""
+    out = {}
+    for key, (collection, path, shape) in expected_layout(name, num_classes=NUM_CLASSES).items():
+        node = grads if collection == "params" else stats
+        for part in path:
+            node = node[part]
+        out[key] = np.asarray(node) if len(shape) < 2 else _to_torch(np.asarray(node))
+    return out
+
+
+def _to_torch(value: np.ndarray) -> np.ndarray:
+    return value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+
+
+def rel_err(got: np.ndarray, want: np.ndarray, floor: float) -> float:
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), floor))
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2_ca", "mobilenext"])
+def test_one_train_step_matches_pytorch(name):
+    ref32 = torch_reference.randomize(torch_reference.build(name, num_classes=NUM_CLASSES), 5)
+    ref64 = copy.deepcopy(ref32).double()
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(4, 3, 64, 64, generator=gen)
+    y = torch.randint(0, NUM_CLASSES, (4,), generator=gen)
+    state32 = {k: v.numpy().copy() for k, v in ref32.state_dict().items() if "num_b" not in k}
+    state64 = {k: v.astype(np.float64) for k, v in state32.items()}
+    x_nhwc = x.permute(0, 2, 3, 1).numpy()
+
+    loss_t64, grads_t64, buffers_t64 = torch_step(ref64, x.double(), y)
+    loss_t32, grads_t32, buffers_t32 = torch_step(ref32, x, y)
+    # Biases feeding a train-mode BatchNorm have an exactly-zero gradient: judge them
+    # against the scale of all gradients instead of their own (zero) norm.
+    floor = 1e-6 * max(np.linalg.norm(g) for g in grads_t64.values())
+
+    with jax.enable_x64(True):
+        loss_f64, grads_f64, stats_f64 = flax_step(
+            name, state64, x_nhwc.astype(np.float64), y.numpy(), jnp.float64
+        )
+        flax64 = by_torch_key(name, grads_f64, stats_f64)
+    assert abs(loss_f64 - loss_t64) <= 1e-4 * abs(loss_t64)
+    for key, want in grads_t64.items():
+        assert rel_err(flax64[key], want, floor) < 1e-4, f"float64 gradient of {key}"
+    for key, want in buffers_t64.items():
+        np.testing.assert_allclose(flax64[key], want, rtol=1e-6, atol=1e-9, err_msg=key)
+
+    loss_f32, grads_f32, stats_f32 = flax_step(name, state32, x_nhwc, y.numpy(), jnp.float32)
+    flax32 = by_torch_key(name, grads_f32, stats_f32)
+    np.testing.assert_allclose(loss_f32, loss_t32, rtol=1e-5)
+    for key, truth in grads_t64.items():
+        torch_noise = rel_err(grads_t32[key], truth, floor)
+        assert rel_err(flax32[key], truth, floor) <= max(1e-4, 4 * torch_noise), key
+    for key, want in buffers_t32.items():  # running mean and (unbiased) running variance
+        np.testing.assert_allclose(flax32[key], want, rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def test_bfloat16_computes_in_bf16_with_float32_state():
+    """bf16 deviates from fp32 no more than rounding the input to bf16 precision does.
+
+    Random deep networks are chaotic (0.4% input noise moves fp32 logits by ~40%), so the
+    bound is relative to that sensitivity, plus a direct bound on the first blocks.
+    """
+    name = "mobilenetv2_ca"
+    ref = torch_reference.randomize(torch_reference.build(name, width=0.5).eval(), seed=7)
+    state = {k: v.numpy() for k, v in ref.state_dict().items() if "num_batches" not in k}
+    variables = convert_state_dict(state, name, width_mult=0.5)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 96, 96, 3)).astype(np.float32)
+    x_noisy = x * (1 + 2.0**-8 * rng.standard_normal(x.shape)).astype(np.float32)
+    fp32 = ca_flax.create_model(name, width_mult=0.5)
+    bf16 = ca_flax.create_model(name, width_mult=0.5, dtype=jnp.bfloat16)
+
+    def run(model, images):
+        logits, state = model.apply(
+            variables,
+            images,
+            capture_intermediates=lambda m, _: m.name in ("features_1", "features_2"),
+            mutable=["intermediates"],
+        )
+        inter = state["intermediates"]
+        blocks = {k: inter[k]["__call__"][0] for k in ("features_1", "features_2")}
+        return np.asarray(logits), blocks
+
+    want, blocks32 = run(fp32, x)
+    got, blocks16 = run(bf16, x)
+    noisy, _ = run(fp32, x_noisy)
+    assert blocks16["features_2"].dtype == jnp.bfloat16 and got.dtype == np.float32
+    for k in ("features_1", "features_2"):
+        a, b = np.asarray(blocks32[k]), np.asarray(blocks16[k], np.float32)
+        assert np.linalg.norm(a - b) / np.linalg.norm(a) < 0.03, k
+    assert np.abs(got - want).max() <= 2 * np.abs(noisy - want).max()
+
+    # A train-mode pass in bf16 keeps parameters and BatchNorm statistics in float32.
+    _, updated = bf16.apply(
+        variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(0)}
+    )
+    leaves = jax.tree.leaves(updated["batch_stats"]) + jax.tree.leaves(variables["params"])
+    assert all(leaf.dtype == jnp.float32 for leaf in leaves)

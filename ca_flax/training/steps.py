@@ -53,6 +53,11 @@ def data_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P("data"))
 
 
+def init_key(seed: int) -> jax.Array:
+    """PRNG key for parameter init: XLA's RngBitGenerator compiles ~3x faster than threefry."""
+    return jax.random.key(seed, impl="rbg")
+
+
 def init_state(
     model: nn.Module,
     tx: optax.GradientTransformation,
@@ -67,7 +72,7 @@ def init_state(
     def make(variables: dict[str, Any] | None) -> TrainState:
         if variables is None:
             dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-            variables = model.init(jax.random.key(seed), dummy, train=False)
+            variables = model.init(init_key(seed), dummy, train=False)
         params, batch_stats = variables["params"], variables["batch_stats"]
         ema = {"params": params, "batch_stats": batch_stats} if use_ema else {}
         return TrainState(

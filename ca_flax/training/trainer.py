@@ -113,7 +113,7 @@ class Trainer:
             from ca_flax.training.finetune import load_init_variables
 
             dummy = jnp.zeros((1, cfg.image_size, cfg.image_size, 3), jnp.float32)
-            fresh = jax.jit(lambda: self.model.init(jax.random.key(cfg.seed), dummy))()
+            fresh = jax.jit(lambda: self.model.init(steps.init_key(cfg.seed), dummy))()
             variables = load_init_variables(cfg.init_from, fresh, cfg.model, cfg.width_mult)
         return steps.init_state(
             self.model, self.tx, cfg.image_size, cfg.seed, cfg.ema_decay > 0, self.mesh, variables
@@ -139,9 +139,11 @@ class Trainer:
             metrics = evaluate(self.eval_step, self.state.variables(ema), self.dataset, self.mesh)
             self.writer.write_scalars(step, {f"{prefix}/{k}": v for k, v in metrics.items()})
             results.update({f"{prefix}/{k}": v for k, v in metrics.items()})
-            logging.info(
+            logging.log_if(
+                logging.INFO,
                 "%s step %d: top1 %.4f top5 %.4f loss %.4f (%d images)",
-                prefix, step, metrics["top1"], metrics["top5"], metrics["loss"], metrics["count"],
+                jax.process_index() == 0, prefix, step, metrics["top1"], metrics["top5"],
+                metrics["loss"], metrics["count"],
             )  # fmt: skip
         if jax.process_index() == 0:
             with open(self.workdir / EVAL_HISTORY_FILE, "a") as f:

@@ -13,15 +13,11 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+from matplotlib.figure import Figure
+from PIL import Image
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from ca_flax.attention_maps import AttentionMapError, BlockMaps, ca_maps, select_blocks  # noqa: E402
-from ca_flax.preprocess import ImageError, crop_image, load_image, normalize  # noqa: E402
+from ca_flax.attention_maps import AttentionMapError, BlockMaps, ca_maps, select_blocks
+from ca_flax.preprocess import ImageError, crop_image, load_image, normalize
 
 PANEL_INCHES = 3.0
 COLUMNS = (
@@ -31,17 +27,16 @@ COLUMNS = (
 )
 
 
-def plot_maps(crop: Image.Image, maps: Sequence[BlockMaps], dpi: int = 100) -> plt.Figure:
-    """A (blocks x 3) grid of heat maps blended over `crop`, with titles and colour bars."""
+def plot_maps(crop: Image.Image, maps: Sequence[BlockMaps], dpi: int = 100) -> Figure:
+    """A (blocks x 3) grid of heat maps blended over `crop`, with titles and colour bars.
+
+    A bare `Figure` (Agg canvas when saved), so no pyplot state or backend switch is involved.
+    """
     rows = len(maps)
-    fig, axes = plt.subplots(
-        rows,
-        len(COLUMNS),
-        figsize=(PANEL_INCHES * len(COLUMNS), PANEL_INCHES * rows),
-        dpi=dpi,
-        squeeze=False,
-        layout="constrained",
+    fig = Figure(
+        figsize=(PANEL_INCHES * len(COLUMNS), PANEL_INCHES * rows), dpi=dpi, layout="constrained"
     )
+    axes = fig.subplots(rows, len(COLUMNS), squeeze=False)
     size = crop.size
     for row, block in zip(axes, maps, strict=True):
         for ax, (title, method) in zip(row, COLUMNS, strict=True):
@@ -63,7 +58,7 @@ def plot_maps(crop: Image.Image, maps: Sequence[BlockMaps], dpi: int = 100) -> p
     return fig
 
 
-def save_figure(fig: plt.Figure, out: str | Path) -> Path:
+def save_figure(fig: Figure, out: str | Path) -> Path:
     """Write the figure as PNG to a temporary sibling, then rename it into place."""
     out = Path(out).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -75,8 +70,6 @@ def save_figure(fig: plt.Figure, out: str | Path) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    finally:
-        plt.close(fig)
     return out
 
 

@@ -1,0 +1,68 @@
+"""Quickstart learns; SIGTERM mid-run then resume ends with the same parameters as no stop."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import train_helpers
+
+# 3 epochs of 44 steps at batch 32 (1,437 training digits).
+RUN = [*train_helpers.SMALL, "--config.num_epochs=3", "--config.warmup_epochs=0.5"]
+TOTAL = 132
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("jax_cache")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    train_helpers.run_train(workdir, *RUN, cache_dir=cache_dir)
+    return workdir
+
+
+def test_quickstart_learns(uninterrupted: Path) -> None:
+    summary = json.loads((uninterrupted / "summary.json").read_text())
+    assert summary["steps"] == TOTAL
+    assert summary["final"]["eval/count"] == 360
+    assert summary["best"]["eval/top1"] >= 0.6, summary["best"]  # chance is 0.1
+    assert list((uninterrupted).glob("events.out.tfevents.*")), "no TensorBoard event file"
+    assert train_helpers.checkpoint_steps(uninterrupted)[-1] == TOTAL
+
+
+def test_sigterm_then_resume_matches_uninterrupted(
+    uninterrupted: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen(
+        train_helpers.train_cmd(workdir, *RUN),
+        cwd=train_helpers.REPO,
+        env=train_helpers.env(1, cache_dir),
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    log = []
+    for line in proc.stderr:
+        log.append(line)
+        if f"step 50/{TOTAL}" in line:
+            proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 0, "".join(log[-40:])
+    assert any("SIGTERM: saving step" in line for line in log)
+    stopped = train_helpers.checkpoint_steps(workdir)[-1]
+    assert 50 <= stopped < TOTAL
+    assert not (workdir / "summary.json").exists()
+
+    resumed = train_helpers.run_train(workdir, *RUN, cache_dir=cache_dir)
+    assert f"resuming from checkpoint step {stopped}" in resumed.stderr
+    final = train_helpers.load_checkpoint(workdir, TOTAL)
+    expected = train_helpers.load_checkpoint(uninterrupted, TOTAL)
+    train_helpers.assert_trees_close(final, expected)
+    assert int(np.asarray(final["step"])) == TOTAL

@@ -1,0 +1,120 @@
+"""Model structure: parameter counts, the depthwise formulation, the public API."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ca_flax
+from ca_flax.layers import depthwise_conv3x3, make_divisible
+from ca_flax.summary import count_params
+
+# Exact counts of the released layouts; SE/CBAM/MobileNeXt+CA as derived in summary.py.
+EXACT = {
+    "mobilenetv2": 3_504_872,
+    "mobilenetv2_ca": 3_950_648,
+    "mobilenext": 3_535_416,
+    "mobilenetv2_se": 3_888_208,
+}
+SEED_TABLE = {  # (params in the paper's table, allowed relative deviation)
+    "mobilenetv2_se": (3.89e6, 0.02),
+    "mobilenetv2_cbam": (3.89e6, 0.02),
+    "mobilenext_se": (3.89e6, 0.02),
+    "mobilenext_ca": (4.09e6, 0.04),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXACT))
+def test_exact_parameter_counts(name):
+    assert count_params(name) == EXACT[name]
+
+
+@pytest.mark.parametrize("name", sorted(SEED_TABLE))
+def test_parameter_counts_near_seed_table(name):
+    target, tolerance = SEED_TABLE[name]
+    assert abs(count_params(name) - target) <= tolerance * target
+
+
+def test_make_divisible_rounding_rules():
+    assert make_divisible(16 * 0.35) == 8
+    assert make_divisible(32 * 0.75) == 24
+    assert make_divisible(1280 * 1.4) == 1792
+    assert make_divisible(214, 16) == 208
+    assert make_divisible(36) == 40  # never below 90% of the value
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("hw", [(8, 8), (7, 9), (6, 5)])
+def test_shifted_depthwise_equals_grouped_convolution(stride, hw):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, *hw, 5)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((3, 3, 1, 5)), jnp.float32)
+    want = jax.lax.conv_general_dilated(
+        x, k, (stride, stride), ((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=5,
+    )  # fmt: skip
+    got = depthwise_conv3x3(x, k, stride)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # Gradients agree too (the backward pass is where grouped convs are slowest).
+    grad = jax.grad(lambda x, k: jnp.sum(depthwise_conv3x3(x, k, stride) ** 2), (0, 1))(x, k)
+    grad_ref = jax.grad(
+        lambda x, k: jnp.sum(
+            jax.lax.conv_general_dilated(
+                x, k, (stride, stride), ((1, 1), (1, 1)),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=5,
+            ) ** 2
+        ),
+        (0, 1),
+    )(x, k)  # fmt: skip
+    for a, b in zip(grad, grad_ref, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ca_flax.list_models())
+def test_every_model_runs_train_and_eval_at_small_width(name):
+    model = ca_flax.create_model(name, num_classes=7, width_mult=0.35)
+    x = jnp.ones((2, 32, 48, 3))
+    variables = model.init(jax.random.key(0), x)
+    logits = model.apply(variables, x)
+    assert logits.shape == (2, 7) and logits.dtype == jnp.float32
+    out, state = model.apply(
+        variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(1)}
+    )
+    assert out.shape == (2, 7)
+    old = variables["batch_stats"]
+    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), state["batch_stats"], old)
+    assert any(jax.tree.leaves(changed))
+
+
+def test_unknown_model_lists_valid_names():
+    with pytest.raises(ValueError, match="mobilenetv2_ca"):
+        ca_flax.create_model("resnet50")
+
+
+@pytest.mark.parametrize(
+    "block", [ca_flax.CoordAttention, lambda: ca_flax.SqueezeExcite(4), lambda: ca_flax.CBAM(4)]
+)
+def test_attention_blocks_drop_into_any_network(block):
+    class Tiny(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            x = nn.Conv(16, (3, 3))(x)
+            return block()(x, train)
+
+    x = jnp.ones((2, 6, 10, 3))
+    variables = Tiny().init(jax.random.key(0), x)
+    assert Tiny().apply(variables, x).shape == (2, 6, 10, 16)
+
+
+def test_coord_attention_gates_by_height_and_width():
+    x = jax.random.normal(jax.random.key(0), (2, 6, 10, 16))
+    block = ca_flax.CoordAttention()
+    variables = block.init(jax.random.key(1), x)
+    out, state = block.apply(variables, x, mutable=["intermediates"])
+    a_h, a_w = state["intermediates"]["a_h"][0], state["intermediates"]["a_w"][0]
+    assert a_h.shape == (2, 6, 1, 16) and a_w.shape == (2, 1, 10, 16)
+    np.testing.assert_allclose(out, x * a_h * a_w, rtol=1e-6)
+    assert variables["params"]["conv1"]["kernel"].shape == (1, 1, 16, 8)  # mip = max(8, C // 32)

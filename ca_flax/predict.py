@@ -74,6 +74,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.top < 1:
+        print(f"error: --top {args.top}: must be at least 1", file=sys.stderr)
+        return 2
     from ca_flax.pretrained import load_pretrained
 
     try:

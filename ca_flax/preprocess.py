@@ -32,7 +32,9 @@ def load_image(path: str | Path) -> Image.Image:
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not a readable image (unknown format)") from None
+    except (Image.DecompressionBombError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ImageError(f"{path}: not a readable image: {first}") from None
 

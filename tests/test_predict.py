@@ -15,7 +15,7 @@ from PIL import Image
 from ca_flax import create_model
 from ca_flax.classes import imagenet_classes
 from ca_flax.predict import main
-from ca_flax.preprocess import load_image, preprocess, preprocess_file
+from ca_flax.preprocess import ImageError, load_image, preprocess, preprocess_file
 from ca_flax.pretrained import save_pretrained
 
 KWARGS = {"width_mult": 0.35}
@@ -60,6 +60,23 @@ def test_any_image_mode_loads_as_rgb(mode, tmp_path):
     loaded = load_image(path)
     assert loaded.mode == "RGB" and loaded.size == (90, 70)
     np.testing.assert_allclose(preprocess_file(path), reference_transform(Image.open(path)))
+
+
+def test_unreadable_files_raise_one_line_image_errors(tmp_path):
+    good = tmp_path / "good.png"
+    random_image((64, 64)).save(good)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[:200])
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    cases = {
+        "truncated.png": "not a readable image",
+        "empty.jpg": "unknown format",
+        "": "not a file",
+    }
+    for name, message in cases.items():
+        with pytest.raises(ImageError, match=message) as info:
+            load_image(tmp_path / name)
+        assert "\n" not in str(info.value)
 
 
 def test_class_list_is_shipped():

@@ -1,0 +1,40 @@
+"""notebooks/quickstart.ipynb runs end to end on CPU (create, convert, predict, maps, fine-tune)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+nbclient = pytest.importorskip("nbclient", reason="needs nbclient, nbformat and ipykernel")
+nbformat = pytest.importorskip("nbformat")
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
+
+
+def outputs_text(cell) -> str:
+    return "".join(o.get("text", "") for o in cell.get("outputs", []))
+
+
+def test_quickstart_notebook_executes(monkeypatch, tmp_path):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.delenv("CA_FLAX_PTH", raising=False)
+    monkeypatch.setenv("CA_FLAX_QUICKSTART_DIR", str(tmp_path / "work"))
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    client = nbclient.NotebookClient(
+        nb,
+        timeout=600,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(NOTEBOOK.parent)}},
+    )
+    client.execute()
+    nbformat.write(nb, tmp_path / "executed.ipynb")  # kept by pytest for inspection
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert not [o for c in code for o in c.outputs if o.output_type == "error"]
+    text = "\n".join(outputs_text(c) for c in code)
+    assert "converted random_mbv2_ca.pth" in text
+    assert "blocks with CA: features_2," in text
+    assert "after 6 steps: eval top-1" in text
+    images = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]
+    assert images, "the attention-map figure was not displayed"
+    assert (tmp_path / "work" / "finetune").is_dir()

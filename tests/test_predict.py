@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_models import random_variables
 
 from ca_flax import create_model
 from ca_flax.classes import imagenet_classes
@@ -87,8 +87,7 @@ def test_class_list_is_shipped():
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     model = create_model("mobilenetv2_ca", **KWARGS)
-    init = jax.jit(lambda key: model.init(key, jnp.zeros((1, 32, 32, 3)), train=False))
-    variables = {k: v for k, v in init(jax.random.key(0)).items() if k != "intermediates"}
+    variables = random_variables(model)
     path = save_pretrained(
         tmp_path_factory.mktemp("ckpt") / "tiny", "mobilenetv2_ca", variables, KWARGS
     )

@@ -1,0 +1,303 @@
+"""Benchmark ca_flax against the PyTorch reference of the same layout, in one interleaved run.
+
+`python -m ca_flax.bench --models mobilenetv2_ca mobilenext --batch-sizes 16 --modes infer train`
+times inference and a full training step (forward, backward, SGD update, BatchNorm update) for
+ca_flax (jit) and PyTorch (eager, channels_last, torch.compile, AMP on GPU) in A B A B order,
+reports median images/s and ratios, compile time and memory, and the tf.data JPEG pipeline's
+images/s per CPU core. Prints a table and writes JSON. Run from a checkout: the PyTorch models
+come from tests/torch_reference.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ca_flax.registry import create_model
+
+REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "torch_reference.py"
+Step = Callable[[], None]
+
+
+@dataclass
+class Candidate:
+    """One implementation of one (model, mode, batch) case, ready to be timed."""
+
+    impl: str
+    step: Step
+    compile_s: float
+    memory_mb: float | None = None
+    times: list[float] = field(default_factory=list)
+
+
+def load_torch_reference() -> Any:
+    if not REFERENCE.is_file():
+        sys.exit(f"error: {REFERENCE} not found: run the benchmark from a ca-flax checkout")
+    spec = importlib.util.spec_from_file_location("torch_reference", REFERENCE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def jax_candidate(name: str, mode: str, batch: int, size: int, dtype: Any) -> Candidate:
+    """Jitted inference or train step; compile time and XLA's memory estimate measured."""
+    model = create_model(name, dtype=dtype)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, size, size, 3)), dtype)
+    labels = jnp.zeros((batch,), jnp.int32)
+    variables = jax.jit(model.init)(jax.random.key(0), x[:1])
+    tx = optax.sgd(0.01, momentum=0.9)
+    if mode == "infer":
+        fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
+        args = (variables, x)
+    else:
+
+        def train_step(state, x, labels, key):
+            params, stats, opt = state
+
+            def loss_fn(p):
+                logits, new = model.apply(
+                    {"params": p, "batch_stats": stats}, x, train=True,
+                    mutable=["batch_stats"], rngs={"dropout": key},
+                )  # fmt: skip
+                loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+                return loss, new["batch_stats"]
+
+            (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            updates, opt = tx.update(grads, opt, params)
+            return optax.apply_updates(params, updates), stats, opt
+
+        fn = jax.jit(train_step, donate_argnums=0)
+        params = variables["params"]
+        args = [(params, variables["batch_stats"], tx.init(params)), x, labels, jax.random.key(1)]
+    start = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    compile_s = time.perf_counter() - start
+    memory_mb = _xla_memory_mb(compiled)
+
+    if mode == "infer":
+
+        def step() -> None:
+            compiled(*args).block_until_ready()
+    else:
+
+        def step() -> None:
+            args[0] = compiled(*args)
+            jax.block_until_ready(args[0])
+
+    step()
+    return Candidate(f"ca_flax ({jnp.dtype(dtype).name})", step, compile_s, memory_mb)
+
+
+def _xla_memory_mb(compiled: Any) -> float | None:
+    try:
+        m = compiled.memory_analysis()
+        total = m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
+        return total / 2**20
+    except Exception:  # not every backend reports it
+        return None
+
+
+def torch_candidate(
+    ref: Any, name: str, mode: str, batch: int, size: int, config: str
+) -> Candidate | None:
+    """PyTorch reference in one configuration (eager, channels_last, compile, amp)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    if config == "amp" and not cuda:
+        return None
+    model = ref.build(name).to(device)
+    x = torch.randn(batch, 3, size, size, device=device)
+    labels = torch.zeros(batch, dtype=torch.long, device=device)
+    if config in ("channels_last", "compile", "amp"):
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    model.train(mode == "train")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    run_model = torch.compile(model) if config in ("compile", "amp") else model
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=config == "amp")
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    def step() -> None:
+        if mode == "infer":
+            with torch.inference_mode(), autocast:
+                run_model(x)
+        else:
+            opt.zero_grad(set_to_none=True)
+            with autocast:
+                loss = torch.nn.functional.cross_entropy(run_model(x), labels)
+            loss.backward()
+            opt.step()
+        sync()
+
+    start = time.perf_counter()
+    try:
+        step()
+    except Exception as e:  # torch.compile needs a working toolchain; report, don't crash
+        print(f"  torch {config} unavailable: {type(e).__name__}: {str(e)[:120]}")
+        return None
+    compile_s = time.perf_counter() - start
+    memory_mb = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+    return Candidate(f"torch {config}", step, compile_s, memory_mb)
+
+
+def time_interleaved(candidates: list[Candidate], repeats: int, iters: int) -> None:
+    """A B A B ...: each round times `iters` steps of every candidate in turn."""
+    for _ in range(repeats):
+        for c in candidates:
+            start = time.perf_counter()
+            for _ in range(iters):
+                c.step()
+            c.times.append((time.perf_counter() - start) / iters)
+
+
+def input_pipeline_rate(num_images: int = 256, batch: int = 64, size: int = 224) -> float:
+    """tf.data JPEG decode + random-resized crop + flip + normalise: images/s per CPU core."""
+    import tensorflow as tf
+    from PIL import Image
+
+    from ca_flax.training.imagenet import decode_and_random_crop, normalize
+
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = []
+        for i in range(32):  # ImageNet-like JPEGs (500x375), reused cyclically
+            path = os.path.join(tmp, f"{i}.jpg")
+            pixels = rng.integers(0, 255, (375, 500, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(path, quality=90)
+            files.append(path)
+        jpegs = [tf.io.read_file(f) for f in files]
+
+        def process(i: tf.Tensor) -> tf.Tensor:
+            jpeg = tf.gather(tf.stack(jpegs), i % len(jpegs))
+            image = decode_and_random_crop(jpeg, size, tf.stack([i, i]))
+            return normalize(tf.image.flip_left_right(image))
+
+        ds = tf.data.Dataset.range(num_images).map(process, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.batch(batch).prefetch(2)
+        for _ in ds.take(1):
+            pass
+        start = time.perf_counter()
+        for _ in ds:
+            pass
+        rate = num_images / (time.perf_counter() - start)
+    return rate / (os.cpu_count() or 1)
+
+
+def summarise(case: dict[str, Any], candidates: list[Candidate]) -> list[dict[str, Any]]:
+    batch = case["batch"]
+    torch_rates = [batch / statistics.median(c.times) for c in candidates if "torch" in c.impl]
+    best_torch = max(torch_rates) if torch_rates else None
+    rows = []
+    for c in candidates:
+        rate = batch / statistics.median(c.times)
+        rows.append(
+            {
+                **case,
+                "impl": c.impl,
+                "images_per_s": rate,
+                "vs_best_torch": rate / best_torch if best_torch else None,
+                "compile_s": c.compile_s,
+                "memory_mb": c.memory_mb,
+            }
+        )
+    return rows
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    header = f"{'model':<16}{'mode':<7}{'batch':>6}  {'impl':<24}{'img/s':>9}{'vs torch':>10}"
+    header += f"{'compile s':>11}{'mem MB':>9}"
+    lines = [header]
+    for r in rows:
+        ratio = f"{r['vs_best_torch']:.2f}x" if r["vs_best_torch"] else "-"
+        mem = f"{r['memory_mb']:.0f}" if r["memory_mb"] else "-"
+        lines.append(
+            f"{r['model']:<16}{r['mode']:<7}{r['batch']:>6}  {r['impl']:<24}"
+            f"{r['images_per_s']:>9.1f}{ratio:>10}{r['compile_s']:>11.1f}{mem:>9}"
+        )
+    return "\n".join(lines)
+
+
+def environment() -> dict[str, Any]:
+    import torch
+
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "device": str(jax.devices()[0].device_kind),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "jax": jax.__version__,
+        "torch": torch.__version__,
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m ca_flax.bench", description=__doc__)
+    p.add_argument("--models", nargs="+", default=["mobilenetv2_ca", "mobilenext"])
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[16])
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--modes", nargs="+", choices=["infer", "train"], default=["infer", "train"])
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument(
+        "--torch-configs", nargs="+", default=["eager", "channels_last", "compile", "amp"],
+        choices=["eager", "channels_last", "compile", "amp"],
+    )  # fmt: skip
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds (median taken)")
+    p.add_argument("--iters", type=int, default=3, help="steps per candidate per round")
+    p.add_argument("--skip-input-pipeline", action="store_true")
+    p.add_argument("--json", default="bench.json", help="where to write the results")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    ref = load_torch_reference()
+    rows = []
+    for name in args.models:
+        for mode in args.modes:
+            for batch in args.batch_sizes:
+                case = {"model": name, "mode": mode, "batch": batch, "size": args.size}
+                print(f"{name} {mode} batch {batch}: compiling ...", flush=True)
+                candidates = [jax_candidate(name, mode, batch, args.size, jnp.dtype(args.dtype))]
+                for config in args.torch_configs:
+                    c = torch_candidate(ref, name, mode, batch, args.size, config)
+                    if c is not None:
+                        candidates.append(c)
+                time_interleaved(candidates, args.repeats, args.iters)
+                rows.extend(summarise(case, candidates))
+                print(format_rows(rows[-len(candidates) :]), flush=True)
+    result = {"environment": environment(), "results": rows}
+    if not args.skip_input_pipeline:
+        result["input_pipeline_images_per_s_per_core"] = input_pipeline_rate(size=args.size)
+        print(f"tf.data JPEG pipeline: {result['input_pipeline_images_per_s_per_core']:.0f} "
+              "images/s per CPU core")  # fmt: skip
+    print("\n" + format_rows(rows))
+    Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -55,9 +55,11 @@ def load_torch_reference() -> Any:
     return module
 
 
-def jax_candidate(name: str, mode: str, batch: int, size: int, dtype: Any) -> Candidate:
+def jax_candidate(
+    name: str, mode: str, batch: int, size: int, dtype: Any, width: float = 1.0
+) -> Candidate:
     """Jitted inference or train step; compile time and XLA's memory estimate measured."""
-    model = create_model(name, dtype=dtype)
+    model = create_model(name, dtype=dtype, width_mult=width)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, size, size, 3)), dtype)
     labels = jnp.zeros((batch,), jnp.int32)
     variables = jax.jit(model.init)(jax.random.key(0), x[:1])
@@ -114,7 +116,7 @@ def _xla_memory_mb(compiled: Any) -> float | None:
 
 
 def torch_candidate(
-    ref: Any, name: str, mode: str, batch: int, size: int, config: str
+    ref: Any, name: str, mode: str, batch: int, size: int, config: str, width: float = 1.0
 ) -> Candidate | None:
     """PyTorch reference in one configuration (eager, channels_last, compile, amp)."""
     import torch
@@ -123,7 +125,7 @@ def torch_candidate(
     device = "cuda" if cuda else "cpu"
     if config == "amp" and not cuda:
         return None
-    model = ref.build(name).to(device)
+    model = ref.build(name, width=width).to(device)
     x = torch.randn(batch, 3, size, size, device=device)
     labels = torch.zeros(batch, dtype=torch.long, device=device)
     if config in ("channels_last", "compile", "amp"):
@@ -256,6 +258,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", default=["mobilenetv2_ca", "mobilenext"])
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[16])
     p.add_argument("--size", type=int, default=224)
+    p.add_argument("--width-mult", type=float, default=1.0)
     p.add_argument("--modes", nargs="+", choices=["infer", "train"], default=["infer", "train"])
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument(
@@ -279,11 +282,13 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.models:
         for mode in args.modes:
             for batch in args.batch_sizes:
-                case = {"model": name, "mode": mode, "batch": batch, "size": args.size}
+                case = {"model": name, "mode": mode, "batch": batch, "size": args.size,
+                        "width": args.width_mult}  # fmt: skip
                 print(f"{name} {mode} batch {batch}: compiling ...", flush=True)
-                candidates = [jax_candidate(name, mode, batch, args.size, jnp.dtype(args.dtype))]
+                dtype = jnp.dtype(args.dtype)
+                candidates = [jax_candidate(name, mode, batch, args.size, dtype, args.width_mult)]
                 for config in args.torch_configs:
-                    c = torch_candidate(ref, name, mode, batch, args.size, config)
+                    c = torch_candidate(ref, name, mode, batch, args.size, config, args.width_mult)
                     if c is not None:
                         candidates.append(c)
                 time_interleaved(candidates, args.repeats, args.iters)

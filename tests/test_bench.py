@@ -1,0 +1,28 @@
+"""The benchmark runs end to end and reports every candidate (no timings are asserted)."""
+
+from __future__ import annotations
+
+import json
+
+from ca_flax import bench
+
+
+def test_bench_reports_flax_and_torch_for_each_mode(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    bench.main(
+        ["--models", "mobilenetv2_ca", "--batch-sizes", "2", "--size", "32", "--width-mult",
+         "0.35", "--torch-configs", "eager", "channels_last", "--repeats", "1", "--iters", "1",
+         "--json", str(out)]
+    )  # fmt: skip
+    result = json.loads(out.read_text())
+    rows = result["results"]
+    assert {(r["mode"], r["impl"]) for r in rows} == {
+        (mode, impl)
+        for mode in ("infer", "train")
+        for impl in ("ca_flax (float32)", "torch eager", "torch channels_last")
+    }
+    assert all(r["images_per_s"] > 0 and r["compile_s"] >= 0 for r in rows)
+    assert max(r["vs_best_torch"] for r in rows if "torch" in r["impl"]) == 1.0
+    assert result["input_pipeline_images_per_s_per_core"] > 0
+    assert result["environment"]["jax"]
+    assert "vs torch" in capsys.readouterr().out

@@ -58,18 +58,15 @@ def checkpoint_steps(workdir: Path) -> list[int]:
 
 def load_checkpoint(workdir: Path, step: int | None = None) -> dict[str, Any]:
     """The saved TrainState at `step` (default latest) as a tree of numpy arrays."""
+    import jax
     import orbax.checkpoint as ocp
 
     step = checkpoint_steps(workdir)[-1] if step is None else step
     path = workdir / "checkpoints" / str(step) / "default"
-    tree = ocp.PyTreeCheckpointer().restore(path)
-    return _to_numpy(tree)
-
-
-def _to_numpy(tree: Any) -> Any:
-    import jax
-
-    return jax.tree.map(np.asarray, tree)
+    checkpointer = ocp.PyTreeCheckpointer()
+    as_numpy = ocp.RestoreArgs(restore_type=np.ndarray)  # whatever devices wrote it
+    args = jax.tree.map(lambda _: as_numpy, checkpointer.metadata(path).item_metadata.tree)
+    return checkpointer.restore(path, restore_args=args)
 
 
 def assert_trees_close(a: Any, b: Any, rtol: float = 0.0, atol: float = 0.0) -> None:

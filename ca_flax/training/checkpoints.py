@@ -54,9 +54,12 @@ class Checkpointer:
         )
 
     def restore(self, abstract_state: TrainState, step: int | None = None) -> TrainState:
-        """The state at `step` (default latest), laid out like `abstract_state`."""
+        """The state at `step` (default latest), laid out like `abstract_state` (arrays or
+        ShapeDtypeStructs with shardings): any device count, whatever wrote the checkpoint."""
         step = self.latest_step() if step is None else step
-        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+        target = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), abstract_state
+        )
         return self.manager.restore(step, args=ocp.args.StandardRestore(target))
 
     def wait(self) -> None:

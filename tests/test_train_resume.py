@@ -12,7 +12,12 @@ import pytest
 import train_helpers
 
 # 3 epochs of 44 steps at batch 32 (1,437 training digits).
-RUN = [*train_helpers.SMALL, "--config.num_epochs=3", "--config.warmup_epochs=0.5"]
+RUN = [
+    *train_helpers.SMALL,
+    "--config.num_epochs=3",
+    "--config.warmup_epochs=0.5",
+    "--config.ema_decay=0.9",  # EMA weights are saved, restored and evaluated too
+]
 TOTAL = 132
 
 
@@ -33,6 +38,7 @@ def test_quickstart_learns(uninterrupted: Path) -> None:
     assert summary["steps"] == TOTAL
     assert summary["final"]["eval/count"] == 360
     assert summary["best"]["eval/top1"] >= 0.6, summary["best"]  # chance is 0.1
+    assert summary["final"]["eval_ema/count"] == 360
     assert list((uninterrupted).glob("events.out.tfevents.*")), "no TensorBoard event file"
     assert train_helpers.checkpoint_steps(uninterrupted)[-1] == TOTAL
 

@@ -152,36 +152,24 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         """Train to `total_steps` (or until SIGTERM); returns the summary."""
-        cfg, spe = self.config, self.steps_per_epoch
+        cfg = self.config
         start = int(jax.device_get(self.state.step))
         flag = PreemptionFlag().install()
-        progress = Progress(self.total_steps, spe, cfg.batch_size, start)
+        progress = Progress(self.total_steps, self.steps_per_epoch, cfg.batch_size, start)
         check_every = 1 if jax.process_count() == 1 else cfg.log_every_steps
         batches = self.dataset.train_batches(start)
         logging.info(
             "training %s: steps %d..%d, %d steps/epoch, global batch %d on %d devices",
-            cfg.model, start, self.total_steps, spe, cfg.batch_size, jax.device_count(),
+            cfg.model, start, self.total_steps, self.steps_per_epoch, cfg.batch_size,
+            jax.device_count(),
         )  # fmt: skip
         try:
             for step in range(start + 1, self.total_steps + 1):
-                local = next(batches)
-                batch = {"image": local["image"], "label": local["label"].astype("int32")}
-                self.state, metrics = self.train_step(
-                    self.state, steps.global_batch(batch, self.mesh)
-                )
-                progress.add(metrics)
+                self._train_step(next(batches), progress)
                 if step % cfg.log_every_steps == 0 or step == self.total_steps:
                     progress.report(step, self.writer)
                     self._check_finite()
-                eval_metrics = None
-                epoch_end = step % spe == 0 or step == self.total_steps
-                epoch = math.ceil(step / spe)
-                if epoch_end and (epoch % cfg.eval_every_epochs == 0 or step == self.total_steps):
-                    self._check_finite()
-                    eval_metrics = self._evaluate(step)
-                if epoch_end or step % cfg.checkpoint_every_steps == 0:
-                    best = {"top1": eval_metrics["eval/top1"]} if eval_metrics else None
-                    self._save(best)
+                self._end_of_step(step)
                 if step % check_every == 0 and flag.should_stop():
                     logging.info("SIGTERM: saving step %d and exiting", step)
                     self._save()
@@ -192,6 +180,25 @@ class Trainer:
             flag.uninstall()
             self.checkpointer.close()
             self.writer.flush()
+
+    def _train_step(self, local: dict[str, Any], progress: Progress) -> None:
+        """Dispatch one step on this process's rows of the global batch (no host sync)."""
+        batch = {"image": local["image"], "label": local["label"].astype("int32")}
+        self.state, metrics = self.train_step(self.state, steps.global_batch(batch, self.mesh))
+        progress.add(metrics)
+
+    def _end_of_step(self, step: int) -> None:
+        """Evaluate at epoch ends; checkpoint every N steps and at epoch ends."""
+        cfg, last = self.config, step == self.total_steps
+        epoch_end = step % self.steps_per_epoch == 0 or last
+        eval_metrics = None
+        if epoch_end and (
+            math.ceil(step / self.steps_per_epoch) % cfg.eval_every_epochs == 0 or last
+        ):
+            self._check_finite()
+            eval_metrics = self._evaluate(step)
+        if epoch_end or step % cfg.checkpoint_every_steps == 0:
+            self._save({"top1": eval_metrics["eval/top1"]} if eval_metrics else None)
 
     def _write_summary(self, progress: Progress) -> dict[str, Any]:
         history = []

@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 import tiny_imagenet
+import train_helpers
 
 from ca_flax.training.data import MEAN_RGB, STD_RGB, Layout
 from ca_flax.training.imagenet import ImageNetDataset
@@ -27,9 +28,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def small_config(data_dir: Path) -> ml_collections.ConfigDict:
-    from configs import imagenet_base
-
-    c = imagenet_base.get_config()
+    c = train_helpers.config("imagenet_base")
     c.data_dir = str(data_dir)
     c.image_size, c.eval_resize, c.shuffle_buffer = 32, 36, 64
     c.batch_size, c.eval_batch_size = 8, 8

@@ -17,7 +17,6 @@ from ca_flax.pretrained import save_pretrained
 from ca_flax.training.config_check import ConfigError, check_config, check_dataset
 from ca_flax.training.finetune import load_init_variables
 from ca_flax.training.optim import weight_decay_mask
-from configs import quickstart
 
 
 @pytest.mark.parametrize(
@@ -30,14 +29,14 @@ from configs import quickstart
     ],
 )
 def test_bad_field_is_named(field: str, value: object, message: str) -> None:
-    config = quickstart.get_config()
+    config = train_helpers.config()
     config[field] = value
     with pytest.raises(ConfigError, match=rf"config\.{field}: .*{re.escape(message)}"):
         check_config(config)
 
 
 def test_missing_dataset_is_named(tmp_path: Path) -> None:
-    config = quickstart.get_config()
+    config = train_helpers.config()
     config.dataset, config.data_dir = "imagenet2012", str(tmp_path)
     with pytest.raises(ConfigError, match=r"config\.dataset: 'imagenet2012' is not prepared"):
         check_dataset(config)

@@ -15,7 +15,6 @@ from ca_flax.training import optim, steps, trainer
 from ca_flax.training.checkpoints import Checkpointer
 from ca_flax.training.data import Layout
 from ca_flax.training.digits import DigitsDataset
-from configs import quickstart
 
 RUN = [*train_helpers.SMALL, "--config.num_train_steps=2", "--config.log_every_steps=1"]
 
@@ -72,7 +71,7 @@ def test_two_processes_match_one_process(tmp_path: Path) -> None:
     )
 
     # The checkpoint written over 2 processes restores onto this process's single device.
-    config = quickstart.get_config()
+    config = train_helpers.config()
     model, mesh = trainer.build_model(config), steps.create_mesh(jax.devices()[:1])
     tx = optim.create_optimizer(config, optim.learning_rate_schedule(config, 44, 2))
     abstract = jax.eval_shape(lambda: steps.init_state(model, tx, 32, 0, False, mesh))

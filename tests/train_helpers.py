@@ -20,6 +20,15 @@ SMALL = [
 ]
 
 
+def config(name: str = "quickstart") -> Any:
+    """`configs/<name>.py`'s config, importable however pytest was started."""
+    import importlib
+
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    return importlib.import_module(f"configs.{name}").get_config()
+
+
 def env(devices: int = 1, cache_dir: Path | None = None) -> dict[str, str]:
     """Environment for a CPU subprocess with `devices` simulated devices."""
     out = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")

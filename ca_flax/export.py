@@ -20,38 +20,41 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from ca_flax.layers import DepthwiseConv3x3
+from ca_flax.layers import Conv1x1, DepthwiseConv3x3
 
 FORMATS = ("tflite", "saved_model")
 
 
-def _grouped_depthwise(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
-    """Run DepthwiseConv3x3 as one grouped conv, which TFLite maps to DEPTHWISE_CONV_2D.
+def _native_convs(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
+    """Run DepthwiseConv3x3 as one grouped conv and Conv1x1 as a 1x1 conv, for TFLite.
 
-    The training-speed form (nine shifted multiplies) would export as ~9 SLICE/MUL/ADD ops
-    per layer; this one computes the same function with the same parameters.
+    TFLite maps these to DEPTHWISE_CONV_2D and CONV_2D. The training-speed forms (nine
+    shifted multiplies; a rank-4 matmul) would export as ~9 SLICE/MUL/ADD ops per layer and
+    as a BATCH_MATMUL that TFLite rejects. Same function, same parameters.
     """
     module = context.module
-    if not (isinstance(module, DepthwiseConv3x3) and context.method_name == "__call__"):
+    if context.method_name != "__call__" or not isinstance(module, DepthwiseConv3x3 | Conv1x1):
         return next_fun(*args, **kwargs)
     x = args[0].astype(module.dtype)
-    kernel = module.variables["params"]["kernel"].astype(module.dtype)
-    return jax.lax.conv_general_dilated(
+    params = module.variables["params"]
+    depthwise = isinstance(module, DepthwiseConv3x3)
+    y = jax.lax.conv_general_dilated(
         x,
-        kernel,
-        window_strides=(module.stride, module.stride),
-        padding=((1, 1), (1, 1)),
+        params["kernel"].astype(module.dtype),
+        window_strides=(module.stride, module.stride) if depthwise else (1, 1),
+        padding=((1, 1), (1, 1)) if depthwise else ((0, 0), (0, 0)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=x.shape[-1],
+        feature_group_count=x.shape[-1] if depthwise else 1,
     )
+    return y + params["bias"].astype(module.dtype) if "bias" in params else y
 
 
 def inference_fn(model: nn.Module, variables: dict[str, Any]) -> Callable[[jax.Array], jax.Array]:
-    """images (N, H, W, 3) -> float32 logits, inference-mode BN, depthwise as grouped convs."""
+    """images (N, H, W, 3) -> float32 logits, inference-mode BN, TFLite-native convs."""
     variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
 
     def logits(images: jax.Array) -> jax.Array:
-        with nn.intercept_methods(_grouped_depthwise):
+        with nn.intercept_methods(_native_convs):
             return model.apply(variables, images, train=False)
 
     return logits

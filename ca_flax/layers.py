@@ -120,11 +120,30 @@ class DepthwiseConv3x3(nn.Module):
         return depthwise_conv3x3(x.astype(self.dtype), kernel.astype(self.dtype), self.stride)
 
 
-def conv1x1(features: int, name: str, dtype: Dtype, use_bias: bool = False) -> nn.Conv:
+class Conv1x1(nn.Module):
+    """Pointwise convolution as a matmul over channels (XLA's CPU dot is ~2x its 1x1 conv).
+
+    The kernel keeps the convolution layout (1, 1, in, out), so parameter trees, checkpoints
+    and converted weights are the same as for `nn.Conv(features, (1, 1))`.
+    """
+
+    features: int
+    use_bias: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param("kernel", conv_init, (1, 1, x.shape[-1], self.features), jnp.float32)
+        y = jnp.dot(x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+def conv1x1(features: int, name: str, dtype: Dtype, use_bias: bool = False) -> Conv1x1:
     """Pointwise convolution (a matmul over channels)."""
-    return nn.Conv(
-        features, (1, 1), use_bias=use_bias, dtype=dtype, kernel_init=conv_init, name=name
-    )
+    return Conv1x1(features, use_bias, dtype, name=name)
 
 
 def conv3x3(features: int, stride: int, name: str, dtype: Dtype) -> nn.Conv:

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ca_flax.blocking import default_block_mb
 from ca_flax.registry import create_model
 
 REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "torch_reference.py"
@@ -56,10 +57,19 @@ def load_torch_reference() -> Any:
 
 
 def jax_candidate(
-    name: str, mode: str, batch: int, size: int, dtype: Any, width: float = 1.0
+    name: str,
+    mode: str,
+    batch: int,
+    size: int,
+    dtype: Any,
+    width: float = 1.0,
+    block_mb: float | None = None,
 ) -> Candidate:
-    """Jitted inference or train step; compile time and XLA's memory estimate measured."""
-    model = create_model(name, dtype=dtype, width_mult=width)
+    """Jitted inference or train step; compile time and XLA's memory estimate measured.
+
+    `block_mb` is the model's `inference_block_mb` (None: the backend's default, 0: off).
+    """
+    model = create_model(name, dtype=dtype, width_mult=width, inference_block_mb=block_mb)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, size, size, 3)), dtype)
     labels = jnp.zeros((batch,), jnp.int32)
     variables = jax.jit(model.init)(jax.random.key(0), x[:1])
@@ -103,7 +113,10 @@ def jax_candidate(
             jax.block_until_ready(args[0])
 
     step()
-    return Candidate(f"ca_flax ({jnp.dtype(dtype).name})", step, compile_s, memory_mb)
+    label = f"ca_flax ({jnp.dtype(dtype).name})"
+    if block_mb is not None:
+        label += f" block {block_mb:g} MB" if block_mb else " unblocked"
+    return Candidate(label, step, compile_s, memory_mb)
 
 
 def _xla_memory_mb(compiled: Any) -> float | None:
@@ -227,14 +240,14 @@ def summarise(case: dict[str, Any], candidates: list[Candidate]) -> list[dict[st
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
-    header = f"{'model':<16}{'mode':<7}{'batch':>6}  {'impl':<24}{'img/s':>9}{'vs torch':>10}"
+    header = f"{'model':<16}{'mode':<7}{'batch':>6}  {'impl':<30}{'img/s':>9}{'vs torch':>10}"
     header += f"{'compile s':>11}{'mem MB':>9}"
     lines = [header]
     for r in rows:
         ratio = f"{r['vs_best_torch']:.2f}x" if r["vs_best_torch"] else "-"
         mem = f"{r['memory_mb']:.0f}" if r["memory_mb"] else "-"
         lines.append(
-            f"{r['model']:<16}{r['mode']:<7}{r['batch']:>6}  {r['impl']:<24}"
+            f"{r['model']:<16}{r['mode']:<7}{r['batch']:>6}  {r['impl']:<30}"
             f"{r['images_per_s']:>9.1f}{ratio:>10}{r['compile_s']:>11.1f}{mem:>9}"
         )
     return "\n".join(lines)
@@ -287,6 +300,10 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{name} {mode} batch {batch}: compiling ...", flush=True)
                 dtype = jnp.dtype(args.dtype)
                 candidates = [jax_candidate(name, mode, batch, args.size, dtype, args.width_mult)]
+                if mode == "infer" and default_block_mb() > 0:  # what cache blocking gains
+                    candidates.append(
+                        jax_candidate(name, mode, batch, args.size, dtype, args.width_mult, 0.0)
+                    )
                 for config in args.torch_configs:
                     c = torch_candidate(ref, name, mode, batch, args.size, config, args.width_mult)
                     if c is not None:

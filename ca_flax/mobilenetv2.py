@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ca_flax.attention import attention_factory
+from ca_flax.blocking import default_block_mb, run_layers
 from ca_flax.layers import Array, Dtype, Sequential, accum_dtype, dense_init, make_divisible
 
 # (expansion t, output channels c, repeats n, first stride s), from the paper.
@@ -79,28 +80,52 @@ class MobileNetV2(nn.Module):
     attention: str | None = None
     dropout_rate: float = 0.1
     dtype: Dtype = jnp.float32
+    inference_block_mb: float | None = None
 
-    @nn.compact
-    def __call__(self, x: Array, train: bool = False) -> Array:
-        x = x.astype(self.dtype)
+    def block_budget(self) -> float:
+        """Cache-blocking budget at inference (see `ca_flax.blocking`); 0 when it must be off."""
+        if self.is_initializing() or self.is_mutable_collection("intermediates"):
+            return 0.0
+        budget = self.inference_block_mb
+        return default_block_mb() if budget is None else budget
+
+    def feature_layers(self, height: int, width: int) -> tuple[list[nn.Module], list[int]]:
+        """Stem, inverted residual blocks and head conv, with each one's widest activation
+        per image in bytes (what cache blocking has to hold)."""
+        itemsize = jnp.dtype(self.dtype).itemsize
+        height, width = (height + 1) // 2, (width + 1) // 2
         channels = make_divisible(32 * self.width_mult, 8)
-        x = ConvBNReLU(channels, 3, 2, self.dtype, name="features_0")(x, train)
+        layers = [ConvBNReLU(channels, 3, 2, self.dtype, name="features_0")]
+        widest = [height * width * channels * itemsize]
         index = 1
         for t, c, n, s in MOBILENETV2_SETTINGS:
             out = make_divisible(c * self.width_mult, 8)
             for i in range(n):
-                x = InvertedResidual(
-                    channels,
-                    out,
-                    s if i == 0 else 1,
-                    t,
-                    self.attention,
-                    self.dtype,
-                    name=f"features_{index}",
-                )(x, train)
+                stride = s if i == 0 else 1
+                layers.append(
+                    InvertedResidual(
+                        channels,
+                        out,
+                        stride,
+                        t,
+                        self.attention,
+                        self.dtype,
+                        name=f"features_{index}",
+                    )
+                )
+                widest.append(height * width * round(channels * t) * itemsize)
+                height, width = (height - 1) // stride + 1, (width - 1) // stride + 1
                 channels, index = out, index + 1
         last = make_divisible(1280 * self.width_mult, 8) if self.width_mult > 1.0 else 1280
-        x = ConvBNReLU(last, 1, 1, self.dtype, name="conv")(x, train)
+        layers.append(ConvBNReLU(last, 1, 1, self.dtype, name="conv"))
+        widest.append(height * width * last * itemsize)
+        return layers, widest
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        x = x.astype(self.dtype)
+        layers, widest = self.feature_layers(x.shape[1], x.shape[2])
+        x = run_layers(layers, widest, x, train, self.block_budget())
         x = jnp.mean(x, axis=(1, 2))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         x = nn.Dense(

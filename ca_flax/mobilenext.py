@@ -13,8 +13,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ca_flax.attention import attention_factory
+from ca_flax.blocking import run_layers
 from ca_flax.layers import Array, Dtype, Sequential, accum_dtype, dense_init, make_divisible
-from ca_flax.mobilenetv2 import ConvBNReLU
+from ca_flax.mobilenetv2 import ConvBNReLU, MobileNetV2
 
 # (reduction t, output channels c, repeats n, first stride s), from the official release.
 MOBILENEXT_SETTINGS = (
@@ -76,29 +77,45 @@ class MobileNeXt(nn.Module):
     attention: str | None = None
     dropout_rate: float = 0.2
     dtype: Dtype = jnp.float32
+    inference_block_mb: float | None = None
 
-    @nn.compact
-    def __call__(self, x: Array, train: bool = False) -> Array:
-        x = x.astype(self.dtype)
+    block_budget = MobileNetV2.block_budget
+
+    def feature_layers(self, height: int, width: int) -> tuple[list[nn.Module], list[int]]:
+        """Stem and sandglass blocks, with each one's widest activation per image in bytes."""
+        itemsize = jnp.dtype(self.dtype).itemsize
+        height, width = (height + 1) // 2, (width + 1) // 2
         channels = make_divisible(32 * self.width_mult, 8)
-        x = ConvBNReLU(channels, 3, 2, self.dtype, name="features_0")(x, train)
+        layers = [ConvBNReLU(channels, 3, 2, self.dtype, name="features_0")]
+        widest = [height * width * channels * itemsize]
         index = 1
         for t, c, n, s in MOBILENEXT_SETTINGS:
             keep_out = c == 1280 and self.width_mult < 1.0
             out = c if keep_out else make_divisible(c * self.width_mult, 8)
             for i in range(n):
-                first = i == 0
-                x = SandGlass(
-                    channels,
-                    out,
-                    s if first else 1,
-                    t,
-                    keep_3x3=first and n == 1 and s == 1,
-                    attention=self.attention,
-                    dtype=self.dtype,
-                    name=f"features_{index}",
-                )(x, train)
+                first, stride = i == 0, s if i == 0 else 1
+                layers.append(
+                    SandGlass(
+                        channels,
+                        out,
+                        stride,
+                        t,
+                        keep_3x3=first and n == 1 and s == 1,
+                        attention=self.attention,
+                        dtype=self.dtype,
+                        name=f"features_{index}",
+                    )
+                )
+                widest.append(height * width * max(channels, out) * itemsize)
+                height, width = (height - 1) // stride + 1, (width - 1) // stride + 1
                 channels, index = out, index + 1
+        return layers, widest
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        x = x.astype(self.dtype)
+        layers, widest = self.feature_layers(x.shape[1], x.shape[2])
+        x = run_layers(layers, widest, x, train, self.block_budget())
         x = jnp.mean(x, axis=(1, 2))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         x = nn.Dense(

@@ -20,7 +20,7 @@ def test_bench_reports_flax_and_torch_for_each_mode(tmp_path, capsys):
         (mode, impl)
         for mode in ("infer", "train")
         for impl in ("ca_flax (float32)", "torch eager", "torch channels_last")
-    }
+    } | {("infer", "ca_flax (float32) unblocked")}  # on CPU, what cache blocking gains
     assert all(r["images_per_s"] > 0 and r["compile_s"] >= 0 for r in rows)
     assert max(r["vs_best_torch"] for r in rows if "torch" in r["impl"]) == 1.0
     assert result["input_pipeline_images_per_s_per_core"] > 0

@@ -10,8 +10,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ca_flax.attention import attention_factory
-from ca_flax.blocking import default_block_mb, run_layers
-from ca_flax.layers import Array, Dtype, Sequential, accum_dtype, dense_init, make_divisible
+from ca_flax.layers import Array, Dtype, Sequential, make_divisible
+from ca_flax.network import ClassifierNet
 
 # (expansion t, output channels c, repeats n, first stride s), from the paper.
 MOBILENETV2_SETTINGS = (
@@ -72,22 +72,8 @@ class InvertedResidual(nn.Module):
         return y
 
 
-class MobileNetV2(nn.Module):
-    """MobileNetV2 at any width; `attention` is None, 'se', 'cbam' or 'ca'. NHWC input."""
-
-    num_classes: int = 1000
-    width_mult: float = 1.0
-    attention: str | None = None
-    dropout_rate: float = 0.1
-    dtype: Dtype = jnp.float32
-    inference_block_mb: float | None = None
-
-    def block_budget(self) -> float:
-        """Cache-blocking budget at inference (see `ca_flax.blocking`); 0 when it must be off."""
-        if self.is_initializing() or self.is_mutable_collection("intermediates"):
-            return 0.0
-        budget = self.inference_block_mb
-        return default_block_mb() if budget is None else budget
+class MobileNetV2(ClassifierNet):
+    """MobileNetV2 at any width; see `ClassifierNet` for the fields."""
 
     def feature_layers(self, height: int, width: int) -> tuple[list[nn.Module], list[int]]:
         """Stem, inverted residual blocks and head conv, with each one's widest activation
@@ -120,15 +106,3 @@ class MobileNetV2(nn.Module):
         layers.append(ConvBNReLU(last, 1, 1, self.dtype, name="conv"))
         widest.append(height * width * last * itemsize)
         return layers, widest
-
-    @nn.compact
-    def __call__(self, x: Array, train: bool = False) -> Array:
-        x = x.astype(self.dtype)
-        layers, widest = self.feature_layers(x.shape[1], x.shape[2])
-        x = run_layers(layers, widest, x, train, self.block_budget())
-        x = jnp.mean(x, axis=(1, 2))
-        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        x = nn.Dense(
-            self.num_classes, dtype=self.dtype, kernel_init=dense_init, name="classifier_1"
-        )(x)
-        return x.astype(accum_dtype(self.dtype))

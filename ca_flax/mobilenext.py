@@ -13,9 +13,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ca_flax.attention import attention_factory
-from ca_flax.blocking import run_layers
-from ca_flax.layers import Array, Dtype, Sequential, accum_dtype, dense_init, make_divisible
-from ca_flax.mobilenetv2 import ConvBNReLU, MobileNetV2
+from ca_flax.layers import Array, Dtype, Sequential, make_divisible
+from ca_flax.mobilenetv2 import ConvBNReLU
+from ca_flax.network import ClassifierNet
 
 # (reduction t, output channels c, repeats n, first stride s), from the official release.
 MOBILENEXT_SETTINGS = (
@@ -69,17 +69,10 @@ class SandGlass(nn.Module):
         return y
 
 
-class MobileNeXt(nn.Module):
-    """MobileNeXt at any width; `attention` is None, 'se', 'cbam' or 'ca'. NHWC input."""
+class MobileNeXt(ClassifierNet):
+    """MobileNeXt at any width; see `ClassifierNet` for the fields."""
 
-    num_classes: int = 1000
-    width_mult: float = 1.0
-    attention: str | None = None
     dropout_rate: float = 0.2
-    dtype: Dtype = jnp.float32
-    inference_block_mb: float | None = None
-
-    block_budget = MobileNetV2.block_budget
 
     def feature_layers(self, height: int, width: int) -> tuple[list[nn.Module], list[int]]:
         """Stem and sandglass blocks, with each one's widest activation per image in bytes."""
@@ -110,15 +103,3 @@ class MobileNeXt(nn.Module):
                 height, width = (height - 1) // stride + 1, (width - 1) // stride + 1
                 channels, index = out, index + 1
         return layers, widest
-
-    @nn.compact
-    def __call__(self, x: Array, train: bool = False) -> Array:
-        x = x.astype(self.dtype)
-        layers, widest = self.feature_layers(x.shape[1], x.shape[2])
-        x = run_layers(layers, widest, x, train, self.block_budget())
-        x = jnp.mean(x, axis=(1, 2))
-        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        x = nn.Dense(
-            self.num_classes, dtype=self.dtype, kernel_init=dense_init, name="classifier_1"
-        )(x)
-        return x.astype(accum_dtype(self.dtype))

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 
-from ca_flax.layers import Array
+from ca_flax.layers import Array, strided
 
 # Chunk working sets up to this size ran best on the 2-core CPU measured (2 MB L2 per core).
 CPU_BLOCK_MB = 3.0
@@ -64,19 +64,24 @@ def run_chunked(chain: Chain, x: Array, chunk: int) -> Array:
     return y.reshape(n, *y.shape[2:])
 
 
-def run_layers(
-    layers: Sequence[nn.Module],
-    bytes_per_image: Sequence[int],
-    x: Array,
-    train: bool,
-    budget_mb: float,
-) -> Array:
-    """Apply `layers` in order; at inference, consecutive layers whose working sets
-    (`bytes_per_image`, the largest activation each holds per image) give the same chunk
-    size run together, chunk by chunk. `budget_mb` 0 turns blocking off."""
+def bytes_per_image(layers: Sequence[nn.Module], x: Array) -> list[int]:
+    """Each layer's widest activation per image in bytes, walking the input size through
+    the layers' strides (`layer.stride`, `layer.widest_activation(height, width)`)."""
+    height, width = x.shape[1], x.shape[2]
+    sizes = []
+    for layer in layers:
+        sizes.append(layer.widest_activation(height, width) * x.dtype.itemsize)
+        height, width = strided(height, layer.stride), strided(width, layer.stride)
+    return sizes
+
+
+def run_layers(layers: Sequence[nn.Module], x: Array, train: bool, budget_mb: float) -> Array:
+    """Apply `layers` in order; at inference, consecutive layers whose working sets (see
+    `bytes_per_image`) give the same chunk size run together, chunk by chunk.
+    `budget_mb` 0 turns blocking off."""
     if train or budget_mb <= 0:
         return Chain(tuple(layers))(x, train)
-    chunks = [chunk_size(x.shape[0], b, budget_mb) for b in bytes_per_image]
+    chunks = [chunk_size(x.shape[0], b, budget_mb) for b in bytes_per_image(layers, x)]
     start = 0
     for stop in range(1, len(layers) + 1):
         if stop == len(layers) or chunks[stop] != chunks[start]:

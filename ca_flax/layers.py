@@ -36,6 +36,11 @@ def accum_dtype(dtype: Dtype) -> Dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def strided(size: int, stride: int) -> int:
+    """Output length of a kernel-3, padding-1 (or 1x1) convolution along one axis."""
+    return (size - 1) // stride + 1
+
+
 def relu6(x: Array) -> Array:
     return jnp.clip(x, 0.0, 6.0)
 
@@ -90,7 +95,7 @@ def depthwise_conv3x3(x: Array, kernel: Array, stride: int) -> Array:
     fuse into a single elementwise loop forward and backward. `kernel` is (3, 3, 1, C) (HWIO).
     """
     n, h, w, c = x.shape
-    h_out, w_out = (h - 1) // stride + 1, (w - 1) // stride + 1
+    h_out, w_out = strided(h, stride), strided(w, stride)
     padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     acc = accum_dtype(x.dtype)
     taps = kernel.reshape(3, 3, c).astype(acc)

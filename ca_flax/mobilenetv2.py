@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ca_flax.attention import attention_factory
-from ca_flax.layers import Array, Dtype, Sequential, make_divisible
+from ca_flax.layers import Array, Dtype, Sequential, make_divisible, strided
 from ca_flax.network import ClassifierNet
 
 # (expansion t, output channels c, repeats n, first stride s), from the paper.
@@ -33,6 +33,10 @@ class ConvBNReLU(nn.Module):
     stride: int = 1
     dtype: Dtype = jnp.float32
 
+    def widest_activation(self, height: int, width: int) -> int:
+        """Elements per image of the largest tensor it holds: its output."""
+        return strided(height, self.stride) * strided(width, self.stride) * self.features
+
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
         seq = Sequential("", train, self.dtype)
@@ -52,6 +56,10 @@ class InvertedResidual(nn.Module):
     expansion: int
     attention: str | None = None
     dtype: Dtype = jnp.float32
+
+    def widest_activation(self, height: int, width: int) -> int:
+        """Elements per image of the largest tensor it holds: the expanded input."""
+        return height * width * round(self.in_channels * self.expansion)
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
@@ -75,34 +83,26 @@ class InvertedResidual(nn.Module):
 class MobileNetV2(ClassifierNet):
     """MobileNetV2 at any width; see `ClassifierNet` for the fields."""
 
-    def feature_layers(self, height: int, width: int) -> tuple[list[nn.Module], list[int]]:
-        """Stem, inverted residual blocks and head conv, with each one's widest activation
-        per image in bytes (what cache blocking has to hold)."""
-        itemsize = jnp.dtype(self.dtype).itemsize
-        height, width = (height + 1) // 2, (width + 1) // 2
+    def feature_layers(self) -> list[nn.Module]:
+        """Stem, inverted residual blocks and head conv."""
         channels = make_divisible(32 * self.width_mult, 8)
         layers = [ConvBNReLU(channels, 3, 2, self.dtype, name="features_0")]
-        widest = [height * width * channels * itemsize]
         index = 1
         for t, c, n, s in MOBILENETV2_SETTINGS:
             out = make_divisible(c * self.width_mult, 8)
             for i in range(n):
-                stride = s if i == 0 else 1
                 layers.append(
                     InvertedResidual(
                         channels,
                         out,
-                        stride,
+                        s if i == 0 else 1,
                         t,
                         self.attention,
                         self.dtype,
                         name=f"features_{index}",
                     )
                 )
-                widest.append(height * width * round(channels * t) * itemsize)
-                height, width = (height - 1) // stride + 1, (width - 1) // stride + 1
                 channels, index = out, index + 1
         last = make_divisible(1280 * self.width_mult, 8) if self.width_mult > 1.0 else 1280
         layers.append(ConvBNReLU(last, 1, 1, self.dtype, name="conv"))
-        widest.append(height * width * last * itemsize)
-        return layers, widest
+        return layers

@@ -49,6 +49,10 @@ class SandGlass(nn.Module):
     attention: str | None = None
     dtype: Dtype = jnp.float32
 
+    def widest_activation(self, height: int, width: int) -> int:
+        """Elements per image of the largest tensor it holds: a wide one at input resolution."""
+        return height * width * max(self.in_channels, self.out_channels)
+
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
         seq = Sequential("conv", train, self.dtype)
@@ -74,24 +78,21 @@ class MobileNeXt(ClassifierNet):
 
     dropout_rate: float = 0.2
 
-    def feature_layers(self, height: int, width: int) -> tuple[list[nn.Module], list[int]]:
-        """Stem and sandglass blocks, with each one's widest activation per image in bytes."""
-        itemsize = jnp.dtype(self.dtype).itemsize
-        height, width = (height + 1) // 2, (width + 1) // 2
+    def feature_layers(self) -> list[nn.Module]:
+        """Stem and sandglass blocks."""
         channels = make_divisible(32 * self.width_mult, 8)
         layers = [ConvBNReLU(channels, 3, 2, self.dtype, name="features_0")]
-        widest = [height * width * channels * itemsize]
         index = 1
         for t, c, n, s in MOBILENEXT_SETTINGS:
             keep_out = c == 1280 and self.width_mult < 1.0
             out = c if keep_out else make_divisible(c * self.width_mult, 8)
             for i in range(n):
-                first, stride = i == 0, s if i == 0 else 1
+                first = i == 0
                 layers.append(
                     SandGlass(
                         channels,
                         out,
-                        stride,
+                        s if first else 1,
                         t,
                         keep_3x3=first and n == 1 and s == 1,
                         attention=self.attention,
@@ -99,7 +100,5 @@ class MobileNeXt(ClassifierNet):
                         name=f"features_{index}",
                     )
                 )
-                widest.append(height * width * max(channels, out) * itemsize)
-                height, width = (height - 1) // stride + 1, (width - 1) // stride + 1
                 channels, index = out, index + 1
-        return layers, widest
+        return layers

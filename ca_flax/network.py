@@ -1,7 +1,7 @@
 """The classifier both families share: feature layers, global pooling, dropout, linear.
 
 A family supplies `feature_layers` (its stem and blocks, named like the released checkpoint,
-with each layer's widest activation per image); this class runs them, cache-blocked at
+each able to say its widest activation per image); this class runs them, cache-blocked at
 inference (`ca_flax.blocking`), then the `classifier_1` head.
 """
 
@@ -28,8 +28,8 @@ class ClassifierNet(nn.Module):
     dtype: Dtype = jnp.float32
     inference_block_mb: float | None = None
 
-    def feature_layers(self, height: int, width: int) -> tuple[list[nn.Module], list[int]]:
-        """The layers before pooling, and each one's widest activation per image in bytes."""
+    def feature_layers(self) -> list[nn.Module]:
+        """The layers before pooling, each with `stride` and `widest_activation(h, w)`."""
         raise NotImplementedError
 
     def block_budget(self) -> float:
@@ -42,8 +42,7 @@ class ClassifierNet(nn.Module):
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
         x = x.astype(self.dtype)
-        layers, widest = self.feature_layers(x.shape[1], x.shape[2])
-        x = run_layers(layers, widest, x, train, self.block_budget())
+        x = run_layers(self.feature_layers(), x, train, self.block_budget())
         x = jnp.mean(x, axis=(1, 2))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         x = nn.Dense(

@@ -3,7 +3,9 @@
 `python -m ca_flax.bench --models mobilenetv2_ca mobilenext --batch-sizes 16 --modes infer train`
 times inference and a full training step (forward, backward, SGD update, BatchNorm update) for
 ca_flax (jit) and PyTorch (eager, channels_last, torch.compile, AMP on GPU) in A B A B order,
-reports median images/s and ratios, compile time and memory, and the tf.data JPEG pipeline's
+reports median images/s and ratios, compile time and memory, achieved GFLOP/s (the model's FLOPs
+from XLA's cost analysis) and, for unblocked ca_flax programs, achieved memory bandwidth (XLA's
+bytes-accessed estimate per step) against the device's peak, and the tf.data JPEG pipeline's
 images/s per CPU core. Prints a table and writes JSON. Run from a checkout: the PyTorch models
 come from tests/torch_reference.py.
 """
@@ -31,6 +33,12 @@ import optax
 
 from ca_flax.blocking import default_block_mb
 from ca_flax.registry import create_model
+from ca_flax.roofline import (
+    SPEC_BANDWIDTH_GB_S,
+    stream_bandwidth_gb_s,
+    xla_cost,
+    xla_memory_mb,
+)
 
 REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "torch_reference.py"
 Step = Callable[[], None]
@@ -44,6 +52,8 @@ class Candidate:
     step: Step
     compile_s: float
     memory_mb: float | None = None
+    flops: float | None = None  # per step, from XLA's cost analysis (ca_flax, unblocked only)
+    bytes_accessed: float | None = None  # per step, likewise
     times: list[float] = field(default_factory=list)
 
 
@@ -100,7 +110,10 @@ def jax_candidate(
     start = time.perf_counter()
     compiled = fn.lower(*args).compile()
     compile_s = time.perf_counter() - start
-    memory_mb = _xla_memory_mb(compiled)
+    memory_mb = xla_memory_mb(compiled)
+    # A blocked program is a loop: XLA's cost analysis counts one trip, so only unblocked counts.
+    blocked = mode == "infer" and (default_block_mb() if block_mb is None else block_mb) > 0
+    flops, bytes_accessed = (None, None) if blocked else xla_cost(compiled)
 
     if mode == "infer":
 
@@ -116,16 +129,7 @@ def jax_candidate(
     label = f"ca_flax ({jnp.dtype(dtype).name})"
     if block_mb is not None:
         label += f" block {block_mb:g} MB" if block_mb else " unblocked"
-    return Candidate(label, step, compile_s, memory_mb)
-
-
-def _xla_memory_mb(compiled: Any) -> float | None:
-    try:
-        m = compiled.memory_analysis()
-        total = m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
-        return total / 2**20
-    except Exception:  # not every backend reports it
-        return None
+    return Candidate(label, step, compile_s, memory_mb, flops, bytes_accessed)
 
 
 def torch_candidate(
@@ -219,21 +223,32 @@ def input_pipeline_rate(num_images: int = 256, batch: int = 64, size: int = 224)
     return rate / (os.cpu_count() or 1)
 
 
-def summarise(case: dict[str, Any], candidates: list[Candidate]) -> list[dict[str, Any]]:
+def summarise(
+    case: dict[str, Any], candidates: list[Candidate], peak_gb_s: float | None
+) -> list[dict[str, Any]]:
+    """Rows with img/s, ratio to the best PyTorch, GFLOP/s and (ca_flax) bandwidth vs peak.
+
+    Every candidate runs the same model, so GFLOP/s uses the unblocked ca_flax FLOP count.
+    """
     batch = case["batch"]
     torch_rates = [batch / statistics.median(c.times) for c in candidates if "torch" in c.impl]
     best_torch = max(torch_rates) if torch_rates else None
+    flops = next((c.flops for c in candidates if c.flops), None)
     rows = []
     for c in candidates:
-        rate = batch / statistics.median(c.times)
+        step_s = statistics.median(c.times)
+        bandwidth = c.bytes_accessed / step_s / 1e9 if c.bytes_accessed else None
         rows.append(
             {
                 **case,
                 "impl": c.impl,
-                "images_per_s": rate,
-                "vs_best_torch": rate / best_torch if best_torch else None,
+                "images_per_s": batch / step_s,
+                "vs_best_torch": batch / step_s / best_torch if best_torch else None,
                 "compile_s": c.compile_s,
                 "memory_mb": c.memory_mb,
+                "gflops_per_s": flops / step_s / 1e9 if flops else None,
+                "bandwidth_gb_s": bandwidth,
+                "bandwidth_vs_peak": bandwidth / peak_gb_s if bandwidth and peak_gb_s else None,
             }
         )
     return rows
@@ -241,28 +256,41 @@ def summarise(case: dict[str, Any], candidates: list[Candidate]) -> list[dict[st
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
     header = f"{'model':<16}{'mode':<7}{'batch':>6}  {'impl':<30}{'img/s':>9}{'vs torch':>10}"
-    header += f"{'compile s':>11}{'mem MB':>9}"
+    header += f"{'compile s':>11}{'mem MB':>9}{'GFLOP/s':>9}{'GB/s':>8}{'of peak':>9}"
     lines = [header]
     for r in rows:
-        ratio = f"{r['vs_best_torch']:.2f}x" if r["vs_best_torch"] else "-"
-        mem = f"{r['memory_mb']:.0f}" if r["memory_mb"] else "-"
         lines.append(
             f"{r['model']:<16}{r['mode']:<7}{r['batch']:>6}  {r['impl']:<30}"
-            f"{r['images_per_s']:>9.1f}{ratio:>10}{r['compile_s']:>11.1f}{mem:>9}"
+            f"{r['images_per_s']:>9.1f}{_fmt(r['vs_best_torch'], '.2f', 'x'):>10}"
+            f"{r['compile_s']:>11.1f}{_fmt(r['memory_mb'], '.0f'):>9}"
+            f"{_fmt(r['gflops_per_s'], '.0f'):>9}{_fmt(r['bandwidth_gb_s'], '.0f'):>8}"
+            f"{_fmt(r['bandwidth_vs_peak'] and 100 * r['bandwidth_vs_peak'], '.0f', '%'):>9}"
         )
     return "\n".join(lines)
 
 
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return f"{value:{spec}}{suffix}" if value else "-"
+
+
 def environment() -> dict[str, Any]:
+    """Device, versions, date, and the device's peak bandwidth: data sheet, and as measured."""
     import torch
 
+    device = str(jax.devices()[0].device_kind)
+    stream = stream_bandwidth_gb_s()
+    spec = SPEC_BANDWIDTH_GB_S.get(device)
     return {
         "date": time.strftime("%Y-%m-%d"),
-        "device": str(jax.devices()[0].device_kind),
+        "device": device,
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "jax": jax.__version__,
         "torch": torch.__version__,
+        "stream_bandwidth_gb_s": stream,
+        "spec_bandwidth_gb_s": spec,
+        # "of peak" compares with the data sheet where known, else with the streaming kernel.
+        "peak_bandwidth_gb_s": spec or stream,
     }
 
 
@@ -291,6 +319,9 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(os.cpu_count() or 1)
     ref = load_torch_reference()
+    env = environment()
+    print(f"{env['device']}: streaming bandwidth {env['stream_bandwidth_gb_s']:.0f} GB/s, "
+          f"peak used {env['peak_bandwidth_gb_s']:.0f} GB/s")  # fmt: skip
     rows = []
     for name in args.models:
         for mode in args.modes:
@@ -309,9 +340,9 @@ def main(argv: list[str] | None = None) -> None:
                     if c is not None:
                         candidates.append(c)
                 time_interleaved(candidates, args.repeats, args.iters)
-                rows.extend(summarise(case, candidates))
+                rows.extend(summarise(case, candidates, env["peak_bandwidth_gb_s"]))
                 print(format_rows(rows[-len(candidates) :]), flush=True)
-    result = {"environment": environment(), "results": rows}
+    result = {"environment": env, "results": rows}
     if not args.skip_input_pipeline:
         result["input_pipeline_images_per_s_per_core"] = input_pipeline_rate(size=args.size)
         print(f"tf.data JPEG pipeline: {result['input_pipeline_images_per_s_per_core']:.0f} "

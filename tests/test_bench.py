@@ -24,5 +24,17 @@ def test_bench_reports_flax_and_torch_for_each_mode(tmp_path, capsys):
     assert all(r["images_per_s"] > 0 and r["compile_s"] >= 0 for r in rows)
     assert max(r["vs_best_torch"] for r in rows if "torch" in r["impl"]) == 1.0
     assert result["input_pipeline_images_per_s_per_core"] > 0
-    assert result["environment"]["jax"]
-    assert "vs torch" in capsys.readouterr().out
+    env = result["environment"]
+    assert env["jax"] and env["stream_bandwidth_gb_s"] > 0
+    assert env["peak_bandwidth_gb_s"] == (
+        env["spec_bandwidth_gb_s"] or env["stream_bandwidth_gb_s"]
+    )
+    # Roofline columns: every candidate gets the model's GFLOP/s; the unblocked ca_flax programs
+    # (train step, unblocked inference) get XLA's bytes-accessed bandwidth against the peak.
+    assert all(r["gflops_per_s"] > 0 for r in rows)
+    unblocked = [r for r in rows if r["impl"].startswith("ca_flax") and
+                 (r["mode"] == "train" or r["impl"].endswith("unblocked"))]  # fmt: skip
+    assert len(unblocked) == 2
+    assert all(r["bandwidth_gb_s"] > 0 and r["bandwidth_vs_peak"] > 0 for r in unblocked)
+    assert all(r["bandwidth_gb_s"] is None for r in rows if r not in unblocked)
+    assert "GFLOP/s" in capsys.readouterr().out

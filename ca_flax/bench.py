@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ca_flax.blocking import default_block_mb
+from ca_flax.blocking import block_budget_mb
 from ca_flax.registry import create_model
 from ca_flax.roofline import (
     SPEC_BANDWIDTH_GB_S,
@@ -112,7 +112,7 @@ def jax_candidate(
     compile_s = time.perf_counter() - start
     memory_mb = xla_memory_mb(compiled)
     # A blocked program is a loop: XLA's cost analysis counts one trip, so only unblocked counts.
-    blocked = mode == "infer" and (default_block_mb() if block_mb is None else block_mb) > 0
+    blocked = mode == "infer" and block_budget_mb(block_mb) > 0
     flops, bytes_accessed = (None, None) if blocked else xla_cost(compiled)
 
     if mode == "infer":
@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{name} {mode} batch {batch}: compiling ...", flush=True)
                 dtype = jnp.dtype(args.dtype)
                 candidates = [jax_candidate(name, mode, batch, args.size, dtype, args.width_mult)]
-                if mode == "infer" and default_block_mb() > 0:  # what cache blocking gains
+                if mode == "infer" and block_budget_mb() > 0:  # what cache blocking gains
                     candidates.append(
                         jax_candidate(name, mode, batch, args.size, dtype, args.width_mult, 0.0)
                     )

@@ -31,8 +31,11 @@ class Chain(nn.Module):
         return x
 
 
-def default_block_mb() -> float:
-    """Chunk working-set budget for the default backend: blocking pays off on CPU only."""
+def block_budget_mb(configured: float | None = None) -> float:
+    """The chunk working-set budget in effect: `configured`, or when None the default backend's
+    (blocking pays off on CPU only). 0 means unblocked."""
+    if configured is not None:
+        return configured
     return CPU_BLOCK_MB if jax.default_backend() == "cpu" else 0.0
 
 

@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 
 from ca_flax.layers import Conv1x1, DepthwiseConv3x3
+from ca_flax.network import ClassifierNet
 
 FORMATS = ("tflite", "saved_model")
 
@@ -52,7 +53,7 @@ def _native_convs(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -
 def inference_fn(model: nn.Module, variables: dict[str, Any]) -> Callable[[jax.Array], jax.Array]:
     """images (N, H, W, 3) -> float32 logits, inference-mode BN, TFLite-native convs."""
     variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
-    if hasattr(model, "inference_block_mb"):  # TFLite schedules itself; no scan -> WHILE op
+    if isinstance(model, ClassifierNet):  # TFLite schedules itself; no scan -> WHILE op
         model = model.clone(inference_block_mb=0.0)
 
     def logits(images: jax.Array) -> jax.Array:

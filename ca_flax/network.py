@@ -10,7 +10,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ca_flax.blocking import default_block_mb, run_layers
+from ca_flax.blocking import block_budget_mb, run_layers
 from ca_flax.layers import Array, Dtype, accum_dtype, dense_init
 
 
@@ -36,8 +36,7 @@ class ClassifierNet(nn.Module):
         """Cache-blocking budget for this call; 0 when blocking must be off."""
         if self.is_initializing() or self.is_mutable_collection("intermediates"):
             return 0.0  # sown attention maps must keep their (N, ...) shape
-        budget = self.inference_block_mb
-        return default_block_mb() if budget is None else budget
+        return block_budget_mb(self.inference_block_mb)
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ca_flax.layers import Conv1x1, DepthwiseConv3x3
+from ca_flax.layers import Conv1x1, Conv3x3, DepthwiseConv3x3
 from ca_flax.registry import create_model, list_models
 
 # The seed README's ImageNet tables: (params, multiply-adds, top-1).
@@ -27,7 +27,7 @@ SEED_TABLE = {
     "mobilenext_se": ("3.89M", "300M", 74.7),
     "mobilenext_ca": ("4.09M", "330M", 75.2),
 }
-_COUNTED = (nn.Conv, nn.Dense, Conv1x1, DepthwiseConv3x3)
+_COUNTED = (nn.Conv, nn.Dense, Conv1x1, Conv3x3, DepthwiseConv3x3)
 
 
 def _shapes(name: str, size: int, **kwargs: Any) -> tuple[dict, dict]:

@@ -14,7 +14,7 @@ from tiny_models import random_variables
 
 import ca_flax
 from ca_flax.blocking import chunk_size
-from ca_flax.layers import depthwise_conv3x3, make_divisible
+from ca_flax.layers import conv3x3_im2col, depthwise_conv3x3, make_divisible
 from ca_flax.summary import count_params
 
 # Exact counts of the released layouts; SE/CBAM/MobileNeXt+CA as derived in summary.py.
@@ -51,29 +51,30 @@ def test_make_divisible_rounding_rules():
     assert make_divisible(36) == 40  # never below 90% of the value
 
 
+def _lax_conv3x3(x, k, stride, groups):
+    return jax.lax.conv_general_dilated(
+        x, k, (stride, stride), ((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("depthwise", [True, False], ids=["depthwise", "dense"])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("hw", [(8, 8), (7, 9), (6, 5)])
-def test_shifted_depthwise_equals_grouped_convolution(stride, hw):
+def test_shifted_window_convs_equal_xla_convolution(depthwise, stride, hw):
+    """Nine shifted multiplies (depthwise) and nine windows as one matmul (dense stem) are the
+    same convolutions as XLA's, forward and backward (where grouped convs are slowest)."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((2, *hw, 5)), jnp.float32)
-    k = jnp.asarray(rng.standard_normal((3, 3, 1, 5)), jnp.float32)
-    want = jax.lax.conv_general_dilated(
-        x, k, (stride, stride), ((1, 1), (1, 1)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=5,
-    )  # fmt: skip
-    got = depthwise_conv3x3(x, k, stride)
-    np.testing.assert_allclose(got, want, atol=1e-5)
-    # Gradients agree too (the backward pass is where grouped convs are slowest).
-    grad = jax.grad(lambda x, k: jnp.sum(depthwise_conv3x3(x, k, stride) ** 2), (0, 1))(x, k)
-    grad_ref = jax.grad(
-        lambda x, k: jnp.sum(
-            jax.lax.conv_general_dilated(
-                x, k, (stride, stride), ((1, 1), (1, 1)),
-                dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=5,
-            ) ** 2
-        ),
-        (0, 1),
-    )(x, k)  # fmt: skip
+    k = jnp.asarray(rng.standard_normal((3, 3, 1 if depthwise else 5, 5 if depthwise else 7)))
+    groups = 5 if depthwise else 1
+
+    def ours(x, k):
+        return depthwise_conv3x3(x, k, stride) if depthwise else conv3x3_im2col(x, k, stride)
+
+    np.testing.assert_allclose(ours(x, k), _lax_conv3x3(x, k, stride, groups), atol=1e-5)
+    grad = jax.grad(lambda x, k: jnp.sum(ours(x, k) ** 2), (0, 1))(x, k)
+    grad_ref = jax.grad(lambda x, k: jnp.sum(_lax_conv3x3(x, k, stride, groups) ** 2), (0, 1))(x, k)
     for a, b in zip(grad, grad_ref, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 

@@ -3,7 +3,8 @@
 A randomly initialised deep BatchNorm network in train mode amplifies rounding: PyTorch's own
 float32 gradients differ from its float64 gradients by ~1% (median over tensors). So the
 1e-4 relative bar is checked with both frameworks in float64 (same formulas, same numbers),
-and float32 gradients are checked to be as close to the float64 truth as PyTorch's own.
+and float32 gradients are judged against that rounding noise over all tensors; the digits
+float32 can keep are checked on BatchNorm alone, where nothing chaotic hides them.
 Both steps are jitted: the program training runs (op-by-op dispatch costs ~4x its compile).
 """
 
@@ -74,6 +75,22 @@ def rel_err(got: np.ndarray, want: np.ndarray, floor: float) -> float:
     return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), floor))
 
 
+def rounding_noise(ref: torch.nn.Module, x, y, truth: dict, floor: float) -> list[np.ndarray]:
+    """Per-tensor gradient errors of float64 copies of `ref` whose parameters are moved by
+    1e-6 relative, two draws: how far float32-sized perturbations move these gradients."""
+    errors = []
+    for seed in range(2):
+        moved = copy.deepcopy(ref).double()
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in moved.parameters():
+                p.grad = None
+                p.mul_(1 + 1e-6 * torch.randn(p.shape, generator=gen, dtype=torch.float64))
+        _, grads, _ = torch_step(moved, x, y)
+        errors.append(np.array([rel_err(grads[k], t, floor) for k, t in truth.items()]))
+    return errors
+
+
 @pytest.mark.parametrize("name", ["mobilenetv2_ca", "mobilenext"])
 def test_one_train_step_matches_pytorch(name):
     ref32 = torch_reference.randomize(torch_reference.build(name, num_classes=NUM_CLASSES), 5)
@@ -102,23 +119,24 @@ def test_one_train_step_matches_pytorch(name):
     for key, want in buffers_t64.items():
         np.testing.assert_allclose(flax64[key], want, rtol=1e-6, atol=1e-9, err_msg=key)
 
-    # float32, jitted (the program training runs). Per tensor, a gradient of this random network
-    # moves by up to ~2e-2 when its float64 parameters move by 1e-7 (one fp32 rounding), so
-    # which tensors land far from the truth depends on the rounding path, for PyTorch too.
-    # Judge the spread over all tensors: median and worst within 2x of PyTorch's float32.
+    # float32, jitted (the program training runs). These random train-mode networks are
+    # chaotic: a float32 run differs from float64 by up to ~1e-4 in its late activations,
+    # and moves that small change gradients by ~1e-2, so which tensors land far from the truth
+    # is a lottery, for PyTorch too (its median error is 5e-5 to 3e-2 across seeds and sizes).
+    # Bound the median and worst error over all tensors by 2x the worst of PyTorch's float32
+    # and of two float64 runs with parameters moved by 1e-6.
     loss_f32, grads_f32, stats_f32 = flax_step(
         name, state32, x_nhwc, y.numpy(), jnp.float32, jit=True
     )
     flax32 = by_torch_key(name, grads_f32, stats_f32)
     np.testing.assert_allclose(loss_f32, loss_t32, rtol=1e-5)
     ours = np.array([rel_err(flax32[k], truth, floor) for k, truth in grads_t64.items()])
-    torchs = np.array([rel_err(grads_t32[k], truth, floor) for k, truth in grads_t64.items()])
-    assert np.median(ours) <= 2 * np.median(torchs), (np.median(ours), np.median(torchs))
-    assert ours.max() <= 2 * torchs.max(), (
-        list(grads_t64)[ours.argmax()],
-        ours.max(),
-        torchs.max(),
-    )
+    noise = [np.array([rel_err(grads_t32[k], t, floor) for k, t in grads_t64.items()])]
+    noise += rounding_noise(ref32, x.double(), y, grads_t64, floor)
+    median_bar = 2 * max(np.median(n) for n in noise)
+    assert np.median(ours) <= median_bar, (np.median(ours), median_bar)
+    worst_bar = 2 * max(n.max() for n in noise)
+    assert ours.max() <= worst_bar, (list(grads_t64)[ours.argmax()], ours.max(), worst_bar)
     for key, want in buffers_t32.items():  # running mean and (unbiased) running variance
         np.testing.assert_allclose(flax32[key], want, rtol=1e-4, atol=1e-5, err_msg=key)
 
@@ -165,3 +183,34 @@ def test_bfloat16_computes_in_bf16_with_float32_state():
     )
     leaves = jax.tree.leaves(updated["batch_stats"]) + jax.tree.leaves(variables["params"])
     assert all(leaf.dtype == jnp.float32 for leaf in leaves)
+
+
+def test_float32_batchnorm_keeps_its_digits_far_from_zero():
+    """Train-mode BatchNorm in float32 on inputs whose mean is 1000x their spread, where an
+    E[x^2]-E[x]^2 variance loses its digits: outputs, gradients and running statistics stay
+    within 1e-3 of float64. The network-level check cannot resolve this through the chaos."""
+    rng = np.random.default_rng(0)
+    x = 1000.0 + rng.standard_normal((4, 6, 6, 8))
+    dy = rng.standard_normal(x.shape)
+    params = {"scale": rng.uniform(0.5, 2.0, 8), "bias": rng.standard_normal(8)}
+
+    def run(dtype):
+        bn = ca_flax.layers.BatchNorm(dtype=dtype)
+        stats = {"mean": jnp.zeros(8, dtype), "var": jnp.ones(8, dtype)}
+
+        def objective(params, x):
+            y, new = bn.apply(
+                {"params": params, "batch_stats": stats}, x, True, mutable=["batch_stats"]
+            )
+            return jnp.vdot(y, dy.astype(dtype)), (y, new["batch_stats"])
+
+        step = jax.jit(jax.grad(objective, argnums=(0, 1), has_aux=True))
+        cast = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+        (grads, dx), (y, new) = step(cast, jnp.asarray(x, dtype))
+        return [np.asarray(a, np.float64) for a in (y, dx, *grads.values(), *new.values())]
+
+    with jax.enable_x64(True):
+        want = run(jnp.float64)
+    got = run(jnp.float32)
+    for name, a, b in zip(["y", "dx", "dscale", "dbias", "mean", "var"], got, want, strict=True):
+        assert rel_err(a, b, 1e-30) < 1e-3, (name, rel_err(a, b, 1e-30))

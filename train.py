@@ -11,6 +11,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from ca_flax import hugepages
 from ca_flax.training import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
@@ -42,4 +43,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    hugepages.reexec_with_huge_pages()  # 1.5x on the CPU train step; see ca_flax/hugepages.py
     app.run(main)

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ca_flax import hugepages
 from ca_flax.blocking import block_budget_mb
 from ca_flax.registry import create_model
 from ca_flax.roofline import (
@@ -181,9 +182,12 @@ def torch_candidate(
 
 
 def time_interleaved(candidates: list[Candidate], repeats: int, iters: int) -> None:
-    """A B A B ...: each round times `iters` steps of every candidate in turn."""
+    """A B A B ...: each round times `iters` steps of every candidate in turn, after one
+    untimed step, so that no candidate pays for what the previous one left behind (PyTorch's
+    spinning OpenMP threads, a cache full of another model, memory to page back in)."""
     for _ in range(repeats):
         for c in candidates:
+            c.step()
             start = time.perf_counter()
             for _ in range(iters):
                 c.step()
@@ -287,6 +291,7 @@ def environment() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "jax": jax.__version__,
         "torch": torch.__version__,
+        "huge_pages": hugepages.enabled(),
         "stream_bandwidth_gb_s": stream,
         "spec_bandwidth_gb_s": spec,
         # "of peak" compares with the data sheet where known, else with the streaming kernel.
@@ -321,7 +326,8 @@ def main(argv: list[str] | None = None) -> None:
     ref = load_torch_reference()
     env = environment()
     print(f"{env['device']}: streaming bandwidth {env['stream_bandwidth_gb_s']:.0f} GB/s, "
-          f"peak used {env['peak_bandwidth_gb_s']:.0f} GB/s")  # fmt: skip
+          f"peak used {env['peak_bandwidth_gb_s']:.0f} GB/s, "
+          f"malloc huge pages {'on' if env['huge_pages'] else 'off'}")  # fmt: skip
     rows = []
     for name in args.models:
         for mode in args.modes:
@@ -353,4 +359,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    hugepages.reexec_with_huge_pages()  # for both sides alike: the host's allocator setting
     main()

@@ -12,7 +12,6 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ca_flax import hugepages
-from ca_flax.training import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events, summary.json.")
@@ -29,6 +28,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    # Imported here, not at the top: the trainer pulls in TensorFlow (~5 s), which the
+    # huge-pages re-execution in __main__ would otherwise pay for twice.
+    from ca_flax.training import train_and_evaluate
+
     if _CPU_COLLECTIVES.value:
         jax.config.update("jax_cpu_collectives_implementation", _CPU_COLLECTIVES.value)
     if _COORDINATOR.value:

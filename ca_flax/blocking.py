@@ -3,8 +3,9 @@
 On CPU these networks are memory-bound: an expanded 112x112x96 activation of a batch of 16 is
 77 MB, written and read from DRAM at every layer. Running a run of consecutive layers over a
 small chunk of the batch (a `lax.scan` over chunks) keeps those activations in cache; runs
-that need smaller chunks nest inside runs that take bigger ones. The result is exactly the same computation per image, so only speed changes. Training is never
-blocked: BatchNorm statistics must span the whole batch.
+that need smaller chunks nest inside runs that take bigger ones. The result is exactly the same
+computation per image, so only speed changes. Training is never blocked: BatchNorm statistics
+must span the whole batch.
 """
 
 from __future__ import annotations

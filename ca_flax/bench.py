@@ -33,6 +33,7 @@ import optax
 
 from ca_flax import hugepages
 from ca_flax.blocking import block_budget_mb
+from ca_flax.layers import CONV_FORMULATIONS, active_conv_formulation, conv_formulation
 from ca_flax.registry import create_model
 from ca_flax.roofline import (
     SPEC_BANDWIDTH_GB_S,
@@ -75,10 +76,12 @@ def jax_candidate(
     dtype: Any,
     width: float = 1.0,
     block_mb: float | None = None,
+    formulation: str | None = None,
 ) -> Candidate:
     """Jitted inference or train step; compile time and XLA's memory estimate measured.
 
-    `block_mb` is the model's `inference_block_mb` (None: the backend's default, 0: off).
+    `block_mb` is the model's `inference_block_mb` (None: the backend's default, 0: off);
+    `formulation` the convolutions' form (None: the backend's default).
     """
     model = create_model(name, dtype=dtype, width_mult=width, inference_block_mb=block_mb)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, size, size, 3)), dtype)
@@ -109,7 +112,8 @@ def jax_candidate(
         params = variables["params"]
         args = [(params, variables["batch_stats"], tx.init(params)), x, labels, jax.random.key(1)]
     start = time.perf_counter()
-    compiled = fn.lower(*args).compile()
+    with conv_formulation(formulation or active_conv_formulation()):
+        compiled = fn.lower(*args).compile()
     compile_s = time.perf_counter() - start
     memory_mb = xla_memory_mb(compiled)
     # A blocked program is a loop: XLA's cost analysis counts one trip, so only unblocked counts.
@@ -130,6 +134,8 @@ def jax_candidate(
     label = f"ca_flax ({jnp.dtype(dtype).name})"
     if block_mb is not None:
         label += f" block {block_mb:g} MB" if block_mb else " unblocked"
+    if formulation is not None:
+        label += f" {formulation} convs"
     return Candidate(label, step, compile_s, memory_mb, flops, bytes_accessed)
 
 
@@ -143,6 +149,8 @@ def torch_candidate(
     device = "cuda" if cuda else "cpu"
     if config == "amp" and not cuda:
         return None
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     model = ref.build(name, width=width).to(device)
     x = torch.randn(batch, 3, size, size, device=device)
     labels = torch.zeros(batch, dtype=torch.long, device=device)
@@ -192,6 +200,28 @@ def time_interleaved(candidates: list[Candidate], repeats: int, iters: int) -> N
             for _ in range(iters):
                 c.step()
             c.times.append((time.perf_counter() - start) / iters)
+
+
+def profile_candidates(candidates: list[Candidate], directory: Path, steps: int = 2) -> None:
+    """Trace `steps` steps of each candidate into `directory`/<impl>: jax.profiler (Perfetto
+    JSON) for ca_flax, torch.profiler (Chrome JSON) for PyTorch, to see where time goes."""
+    for c in candidates:
+        path = directory / "".join(ch if ch.isalnum() else "_" for ch in c.impl)
+        try:
+            if c.impl.startswith("torch"):
+                import torch
+
+                with torch.profiler.profile() as prof:
+                    for _ in range(steps):
+                        c.step()
+                path.mkdir(parents=True, exist_ok=True)
+                prof.export_chrome_trace(str(path / "trace.json"))
+            else:
+                with jax.profiler.trace(str(path), create_perfetto_trace=True):
+                    for _ in range(steps):
+                        c.step()
+        except Exception as e:  # a profiler missing on this host must not cost the timings
+            print(f"  profile of {c.impl} failed: {type(e).__name__}: {str(e)[:120]}")
 
 
 def input_pipeline_rate(num_images: int = 256, batch: int = 64, size: int = 224) -> float:
@@ -311,15 +341,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--torch-configs", nargs="+", default=["eager", "channels_last", "compile", "amp"],
         choices=["eager", "channels_last", "compile", "amp"],
     )  # fmt: skip
+    p.add_argument(
+        "--formulations", nargs="+", choices=CONV_FORMULATIONS,
+        help="time ca_flax with each of these conv formulations (default: the backend's own)",
+    )  # fmt: skip
     p.add_argument("--repeats", type=int, default=5, help="interleaved rounds (median taken)")
     p.add_argument("--iters", type=int, default=3, help="steps per candidate per round")
     p.add_argument("--skip-input-pipeline", action="store_true")
+    p.add_argument("--profile", type=Path, help="also trace each case's candidates into DIR")
     p.add_argument("--json", default="bench.json", help="where to write the results")
     return p.parse_args(argv)
 
 
+def jax_candidates(name: str, mode: str, batch: int, args: argparse.Namespace) -> list[Candidate]:
+    """ca_flax in each requested conv formulation, plus unblocked inference where it blocks."""
+    dtype = jnp.dtype(args.dtype)
+    shape = (name, mode, batch, args.size, dtype, args.width_mult)
+    candidates = [
+        jax_candidate(*shape, formulation=formulation)
+        for formulation in args.formulations or [None]
+    ]
+    if mode == "infer" and block_budget_mb() > 0:  # what cache blocking gains
+        candidates.append(jax_candidate(*shape, block_mb=0.0))
+    return candidates
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    # One process holds both frameworks: leave PyTorch half of a GPU (JAX takes 75% by default).
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -335,27 +385,32 @@ def main(argv: list[str] | None = None) -> None:
                 case = {"model": name, "mode": mode, "batch": batch, "size": args.size,
                         "width": args.width_mult}  # fmt: skip
                 print(f"{name} {mode} batch {batch}: compiling ...", flush=True)
-                dtype = jnp.dtype(args.dtype)
-                candidates = [jax_candidate(name, mode, batch, args.size, dtype, args.width_mult)]
-                if mode == "infer" and block_budget_mb() > 0:  # what cache blocking gains
-                    candidates.append(
-                        jax_candidate(name, mode, batch, args.size, dtype, args.width_mult, 0.0)
-                    )
+                candidates = jax_candidates(name, mode, batch, args)
                 for config in args.torch_configs:
                     c = torch_candidate(ref, name, mode, batch, args.size, config, args.width_mult)
                     if c is not None:
                         candidates.append(c)
                 time_interleaved(candidates, args.repeats, args.iters)
+                if args.profile:
+                    profile_candidates(candidates, args.profile / f"{name}_{mode}_{batch}")
                 rows.extend(summarise(case, candidates, env["peak_bandwidth_gb_s"]))
                 print(format_rows(rows[-len(candidates) :]), flush=True)
+                write_json(args.json, {"environment": env, "results": rows})  # so far
     result = {"environment": env, "results": rows}
     if not args.skip_input_pipeline:
         result["input_pipeline_images_per_s_per_core"] = input_pipeline_rate(size=args.size)
         print(f"tf.data JPEG pipeline: {result['input_pipeline_images_per_s_per_core']:.0f} "
               "images/s per CPU core")  # fmt: skip
     print("\n" + format_rows(rows))
-    Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write_json(args.json, result)
     print(f"wrote {args.json}")
+
+
+def write_json(path: str, result: dict[str, Any]) -> None:
+    """Write `result` to `path` through a temporary file, so a killed run leaves a whole file."""
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -20,37 +20,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from ca_flax.layers import Conv1x1, Conv3x3, DepthwiseConv3x3
+from ca_flax.layers import conv_formulation
 from ca_flax.network import ClassifierNet
 
 FORMATS = ("tflite", "saved_model")
-
-
-def _native_convs(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
-    """Run DepthwiseConv3x3, Conv3x3 and Conv1x1 as XLA convolutions, for TFLite.
-
-    TFLite maps these to DEPTHWISE_CONV_2D and CONV_2D. The speed forms (nine shifted
-    multiplies; nine windows concatenated into a matmul; a rank-4 matmul) would export as ~9
-    SLICE/MUL/ADD ops per layer and as a BATCH_MATMUL that TFLite rejects. Same function,
-    same parameters.
-    """
-    module = context.module
-    kinds = DepthwiseConv3x3 | Conv3x3 | Conv1x1
-    if context.method_name != "__call__" or not isinstance(module, kinds):
-        return next_fun(*args, **kwargs)
-    x = args[0].astype(module.dtype)
-    params = module.variables["params"]
-    stride = getattr(module, "stride", 1)
-    pad = 0 if isinstance(module, Conv1x1) else 1
-    y = jax.lax.conv_general_dilated(
-        x,
-        params["kernel"].astype(module.dtype),
-        window_strides=(stride, stride),
-        padding=((pad, pad), (pad, pad)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=x.shape[-1] if isinstance(module, DepthwiseConv3x3) else 1,
-    )
-    return y + params["bias"].astype(module.dtype) if "bias" in params else y
 
 
 def inference_fn(model: nn.Module, variables: dict[str, Any]) -> Callable[[jax.Array], jax.Array]:
@@ -60,7 +33,9 @@ def inference_fn(model: nn.Module, variables: dict[str, Any]) -> Callable[[jax.A
         model = model.clone(inference_block_mb=0.0)
 
     def logits(images: jax.Array) -> jax.Array:
-        with nn.intercept_methods(_native_convs):
+        # TFLite maps lax convolutions to DEPTHWISE_CONV_2D and CONV_2D; the CPU speed forms
+        # would export as ~9 SLICE/MUL/ADD ops per layer and a BATCH_MATMUL TFLite rejects.
+        with conv_formulation("xla"):
             return model.apply(variables, images, train=False)
 
     return logits

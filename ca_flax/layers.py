@@ -6,8 +6,10 @@ parameter path such as ``features_2/conv_3/kernel`` reads as the key ``features.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -87,6 +89,53 @@ class BatchNorm(nn.Module):
         return x * mul.astype(self.dtype) + add.astype(self.dtype)
 
 
+# How the 3x3 and 1x1 convolutions are written. 'windows': nine shifted multiplies (depthwise),
+# nine windows as one matmul (stem), a matmul over channels (1x1): the fastest form on CPU.
+# 'xla': lax convolutions (cuDNN on GPU, TFLite's native ops on export). Same parameters.
+CONV_FORMULATIONS = ("windows", "xla")
+BACKEND_CONV_FORMULATION = {"cpu": "windows"}
+_conv_formulation: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "ca_flax_conv_formulation", default=None
+)
+
+
+@contextlib.contextmanager
+def conv_formulation(name: str) -> Iterator[None]:
+    """Trace the convolutions of any ca_flax model as `name` ('windows' or 'xla') in this block.
+
+    It applies when a function is traced, so jit a fresh function inside the block.
+    Outside any block, each backend uses its fastest form (`active_conv_formulation`).
+    """
+    if name not in CONV_FORMULATIONS:
+        raise ValueError(f"unknown conv formulation {name!r}; choose one of {CONV_FORMULATIONS}")
+    token = _conv_formulation.set(name)
+    try:
+        yield
+    finally:
+        _conv_formulation.reset(token)
+
+
+def active_conv_formulation() -> str:
+    """The formulation set by `conv_formulation`, else the default backend's fastest."""
+    chosen = _conv_formulation.get()
+    if chosen is not None:
+        return chosen
+    return BACKEND_CONV_FORMULATION.get(jax.default_backend(), "windows")
+
+
+def xla_conv(x: Array, kernel: Array, stride: int = 1, depthwise: bool = False) -> Array:
+    """The lax convolution of a (k, k, in/groups, out) HWIO kernel, padding k // 2, NHWC."""
+    pad = kernel.shape[0] // 2
+    return jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=x.shape[-1] if depthwise else 1,
+    )
+
+
 def shifted_windows(x: Array, stride: int) -> list[Array]:
     """The nine (i, j) windows of x padded by 1 that a 3x3 kernel at `stride` multiplies,
     each shaped like the output (N, H_out, W_out, C), in row-major tap order."""
@@ -140,7 +189,10 @@ class DepthwiseConv3x3(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         kernel = self.param("kernel", conv_init, (3, 3, 1, x.shape[-1]), jnp.float32)
-        return depthwise_conv3x3(x.astype(self.dtype), kernel.astype(self.dtype), self.stride)
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        if active_conv_formulation() == "xla":
+            return xla_conv(x, kernel, self.stride, depthwise=True)
+        return depthwise_conv3x3(x, kernel, self.stride)
 
 
 class Conv1x1(nn.Module):
@@ -157,7 +209,11 @@ class Conv1x1(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         kernel = self.param("kernel", conv_init, (1, 1, x.shape[-1], self.features), jnp.float32)
-        y = jnp.dot(x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        if active_conv_formulation() == "xla":
+            y = xla_conv(x, kernel)
+        else:
+            y = jnp.dot(x, kernel[0, 0])
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
             y = y + bias.astype(self.dtype)
@@ -182,7 +238,10 @@ class Conv3x3(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         kernel = self.param("kernel", conv_init, (3, 3, x.shape[-1], self.features), jnp.float32)
-        return conv3x3_im2col(x.astype(self.dtype), kernel.astype(self.dtype), self.stride)
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        if active_conv_formulation() == "xla":
+            return xla_conv(x, kernel, self.stride)
+        return conv3x3_im2col(x, kernel, self.stride)
 
 
 class Sequential:

@@ -34,6 +34,7 @@ import optax
 from ca_flax import hugepages
 from ca_flax.blocking import block_budget_mb
 from ca_flax.layers import CONV_FORMULATIONS, active_conv_formulation, conv_formulation
+from ca_flax.profiling import profile_cases
 from ca_flax.registry import create_model
 from ca_flax.roofline import (
     SPEC_BANDWIDTH_GB_S,
@@ -202,28 +203,6 @@ def time_interleaved(candidates: list[Candidate], repeats: int, iters: int) -> N
             c.times.append((time.perf_counter() - start) / iters)
 
 
-def profile_candidates(candidates: list[Candidate], directory: Path, steps: int = 2) -> None:
-    """Trace `steps` steps of each candidate into `directory`/<impl>: jax.profiler (Perfetto
-    JSON) for ca_flax, torch.profiler (Chrome JSON) for PyTorch, to see where time goes."""
-    for c in candidates:
-        path = directory / "".join(ch if ch.isalnum() else "_" for ch in c.impl)
-        try:
-            if c.impl.startswith("torch"):
-                import torch
-
-                with torch.profiler.profile() as prof:
-                    for _ in range(steps):
-                        c.step()
-                path.mkdir(parents=True, exist_ok=True)
-                prof.export_chrome_trace(str(path / "trace.json"))
-            else:
-                with jax.profiler.trace(str(path), create_perfetto_trace=True):
-                    for _ in range(steps):
-                        c.step()
-        except Exception as e:  # a profiler missing on this host must not cost the timings
-            print(f"  profile of {c.impl} failed: {type(e).__name__}: {str(e)[:120]}")
-
-
 def input_pipeline_rate(num_images: int = 256, batch: int = 64, size: int = 224) -> float:
     """tf.data JPEG decode + random-resized crop + flip + normalise: images/s per CPU core."""
     import tensorflow as tf
@@ -348,7 +327,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="interleaved rounds (median taken)")
     p.add_argument("--iters", type=int, default=3, help="steps per candidate per round")
     p.add_argument("--skip-input-pipeline", action="store_true")
-    p.add_argument("--profile", type=Path, help="also trace each case's candidates into DIR")
+    p.add_argument(
+        "--profile", type=Path, metavar="DIR",
+        help="after timing, trace 2 steps of every candidate into DIR and print kernel summaries",
+    )  # fmt: skip
     p.add_argument("--json", default="bench.json", help="where to write the results")
     return p.parse_args(argv)
 
@@ -378,7 +360,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{env['device']}: streaming bandwidth {env['stream_bandwidth_gb_s']:.0f} GB/s, "
           f"peak used {env['peak_bandwidth_gb_s']:.0f} GB/s, "
           f"malloc huge pages {'on' if env['huge_pages'] else 'off'}")  # fmt: skip
-    rows = []
+    rows, cases = [], []  # cases kept for --profile only: they hold compiled steps and state
     for name in args.models:
         for mode in args.modes:
             for batch in args.batch_sizes:
@@ -392,10 +374,12 @@ def main(argv: list[str] | None = None) -> None:
                         candidates.append(c)
                 time_interleaved(candidates, args.repeats, args.iters)
                 if args.profile:
-                    profile_candidates(candidates, args.profile / f"{name}_{mode}_{batch}")
+                    cases.append((f"{name}_{mode}_{batch}", candidates))
                 rows.extend(summarise(case, candidates, env["peak_bandwidth_gb_s"]))
                 print(format_rows(rows[-len(candidates) :]), flush=True)
                 write_json(args.json, {"environment": env, "results": rows})  # so far
+    if args.profile:
+        profile_cases(cases, args.profile)
     result = {"environment": env, "results": rows}
     if not args.skip_input_pipeline:
         result["input_pipeline_images_per_s_per_core"] = input_pipeline_rate(size=args.size)

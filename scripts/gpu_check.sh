@@ -2,11 +2,13 @@
 # One GPU session's checks, in order of value: the bf16 batch-256 train-step benchmark against
 # PyTorch AMP + channels_last + torch.compile (both conv formulations, with kernel traces), the
 # formulations' agreement on the GPU, then inference. Results go to ${OUT:-gpu_out}.
+# On the device tool's machine (its python3 holds jax, flax, optax and torch; ~9 min on H200):
+#   OUT=$OUT scripts/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
+export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,clocks.max.sm --format=csv
 $PY -c "import jax, flax, optax, torch; print('jax', jax.__version__, 'flax', flax.__version__,
@@ -16,6 +18,6 @@ BENCH=($PY -m ca_flax.bench --models mobilenetv2_ca mobilenext --batch-sizes 256
   --repeats 5 --iters 5)
 "${BENCH[@]}" --modes train --profile /tmp/ca_flax_profile --json "$OUT/bench_train.json" \
   2>&1 | tee "$OUT/bench_train.log"
-$PY scripts/gpu_formulations_agree.py 2>&1 | tee "$OUT/agree.log"
 (cd /tmp && tar czf - --exclude="*.xplane.pb" ca_flax_profile) > "$OUT/profiles.tgz"
+$PY scripts/gpu_formulations_agree.py 2>&1 | tee "$OUT/agree.log"
 "${BENCH[@]}" --modes infer --json "$OUT/bench_infer.json" 2>&1 | tee "$OUT/bench_infer.log"

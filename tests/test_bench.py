@@ -5,21 +5,23 @@ from __future__ import annotations
 import json
 
 from ca_flax import bench
+from ca_flax.profiling import file_name
 
 
 def test_bench_reports_flax_and_torch_for_each_mode(tmp_path, capsys):
     out = tmp_path / "bench.json"
     bench.main(
         ["--models", "mobilenetv2_ca", "--batch-sizes", "2", "--size", "32", "--width-mult",
-         "0.35", "--torch-configs", "eager", "channels_last", "--repeats", "1", "--iters", "1",
+         "0.35", "--torch-configs", "eager", "channels_last", "--formulations", "windows", "xla",
+         "--repeats", "1", "--iters", "1", "--profile", str(tmp_path / "profile"),
          "--json", str(out)]
     )  # fmt: skip
     result = json.loads(out.read_text())
     rows = result["results"]
+    impls = ("ca_flax (float32) windows convs", "ca_flax (float32) xla convs", "torch eager",
+             "torch channels_last")  # fmt: skip
     assert {(r["mode"], r["impl"]) for r in rows} == {
-        (mode, impl)
-        for mode in ("infer", "train")
-        for impl in ("ca_flax (float32)", "torch eager", "torch channels_last")
+        (mode, impl) for mode in ("infer", "train") for impl in impls
     } | {("infer", "ca_flax (float32) unblocked")}  # on CPU, what cache blocking gains
     assert all(r["images_per_s"] > 0 and r["compile_s"] >= 0 for r in rows)
     assert max(r["vs_best_torch"] for r in rows if "torch" in r["impl"]) == 1.0
@@ -34,7 +36,14 @@ def test_bench_reports_flax_and_torch_for_each_mode(tmp_path, capsys):
     assert all(r["gflops_per_s"] > 0 for r in rows)
     unblocked = [r for r in rows if r["impl"].startswith("ca_flax") and
                  (r["mode"] == "train" or r["impl"].endswith("unblocked"))]  # fmt: skip
-    assert len(unblocked) == 2
+    assert len(unblocked) == 3
     assert all(r["bandwidth_gb_s"] > 0 and r["bandwidth_vs_peak"] > 0 for r in unblocked)
     assert all(r["bandwidth_gb_s"] is None for r in rows if r not in unblocked)
-    assert "GFLOP/s" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "GFLOP/s" in printed
+    # --profile: a trace per candidate (jax.profiler / torch.profiler), then its kernel summary
+    # (a CPU host records no device kernels; tests/test_profiling.py reads real GPU traces).
+    traces = {p.parent.relative_to(tmp_path / "profile").parts[:2] for p in
+              (tmp_path / "profile").rglob("*.json*")}  # fmt: skip
+    assert traces == {(f"mobilenetv2_ca_{r['mode']}_2", file_name(r["impl"])) for r in rows}
+    assert printed.count("no device kernels recorded") == len(rows)

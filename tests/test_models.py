@@ -14,7 +14,13 @@ from tiny_models import random_variables
 
 import ca_flax
 from ca_flax.blocking import chunk_size
-from ca_flax.layers import conv3x3_im2col, depthwise_conv3x3, make_divisible
+from ca_flax.layers import (
+    active_conv_formulation,
+    conv3x3_im2col,
+    conv_formulation,
+    depthwise_conv3x3,
+    make_divisible,
+)
 from ca_flax.summary import count_params
 
 # Exact counts of the released layouts; SE/CBAM/MobileNeXt+CA as derived in summary.py.
@@ -77,6 +83,30 @@ def test_shifted_window_convs_equal_xla_convolution(depthwise, stride, hw):
     grad_ref = jax.grad(lambda x, k: jnp.sum(_lax_conv3x3(x, k, stride, groups) ** 2), (0, 1))(x, k)
     for a, b in zip(grad, grad_ref, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2_ca", "mobilenext"])
+def test_conv_formulations_are_the_same_model(name):
+    """'windows' (CPU speed forms) and 'xla' (lax convs, cuDNN on GPU) give the same logits from
+    the same variables, and the switch really switches. Their gradients are compared layer by
+    layer above: through a whole random network, ReLU6 kinks make per-element fp32 gradients
+    a lottery (one seed put either formulation 6e-3 from float64, another both at 2e-5)."""
+    model = ca_flax.create_model(name, num_classes=7, width_mult=0.35, inference_block_mb=0)
+    x = jax.random.normal(jax.random.key(0), (2, 33, 40, 3))
+    variables = random_variables(model)
+    logits, convs = {}, {}
+    for formulation in ("windows", "xla"):
+        with conv_formulation(formulation):
+            assert active_conv_formulation() == formulation
+            apply = partial(model.apply, variables)
+            convs[formulation] = str(jax.make_jaxpr(apply)(x)).count("conv_general_dilated")
+            logits[formulation] = jax.jit(apply)(x)
+    assert active_conv_formulation() == "windows"  # the CPU default, restored after the block
+    assert convs["windows"] == 0 and convs["xla"] > 0
+    np.testing.assert_allclose(logits["windows"], logits["xla"], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="windows"):
+        with conv_formulation("cudnn"):
+            pass
 
 
 @pytest.mark.parametrize("name", ca_flax.list_models())

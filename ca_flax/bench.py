@@ -49,10 +49,12 @@ Step = Callable[[], None]
 
 @dataclass
 class Candidate:
-    """One implementation of one (model, mode, batch) case, ready to be timed."""
+    """One implementation of one (model, mode, batch) case, ready to be timed: `step` dispatches
+    a step (it may return before the device is done), `sync` waits for all dispatched steps."""
 
     impl: str
     step: Step
+    sync: Step
     compile_s: float
     memory_mb: float | None = None
     flops: float | None = None  # per step, from XLA's cost analysis (ca_flax, unblocked only)
@@ -121,23 +123,25 @@ def jax_candidate(
     blocked = mode == "infer" and block_budget_mb(block_mb) > 0
     flops, bytes_accessed = (None, None) if blocked else xla_cost(compiled)
 
-    if mode == "infer":
+    outputs = []
 
-        def step() -> None:
-            compiled(*args).block_until_ready()
-    else:
+    def step() -> None:
+        out = compiled(*args)
+        if mode == "train":
+            args[0] = out  # the next step consumes this one's state
+        outputs[:] = [out]  # a device runs its steps in order: the last one done, all done
 
-        def step() -> None:
-            args[0] = compiled(*args)
-            jax.block_until_ready(args[0])
+    def sync() -> None:
+        jax.block_until_ready(outputs)
 
     step()
+    sync()
     label = f"ca_flax ({jnp.dtype(dtype).name})"
     if block_mb is not None:
         label += f" block {block_mb:g} MB" if block_mb else " unblocked"
     if formulation is not None:
         label += f" {formulation} convs"
-    return Candidate(label, step, compile_s, memory_mb, flops, bytes_accessed)
+    return Candidate(label, step, sync, compile_s, memory_mb, flops, bytes_accessed)
 
 
 def torch_candidate(
@@ -177,29 +181,33 @@ def torch_candidate(
                 loss = torch.nn.functional.cross_entropy(run_model(x), labels)
             loss.backward()
             opt.step()
-        sync()
 
     start = time.perf_counter()
     try:
         step()
+        sync()
     except Exception as e:  # torch.compile needs a working toolchain; report, don't crash
         print(f"  torch {config} unavailable: {type(e).__name__}: {str(e)[:120]}")
         return None
     compile_s = time.perf_counter() - start
     memory_mb = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
-    return Candidate(f"torch {config}", step, compile_s, memory_mb)
+    return Candidate(f"torch {config}", step, sync, compile_s, memory_mb)
 
 
 def time_interleaved(candidates: list[Candidate], repeats: int, iters: int) -> None:
     """A B A B ...: each round times `iters` steps of every candidate in turn, after one
     untimed step, so that no candidate pays for what the previous one left behind (PyTorch's
-    spinning OpenMP threads, a cache full of another model, memory to page back in)."""
+    spinning OpenMP threads, a cache full of another model, memory to page back in).
+    The `iters` steps are dispatched back to back and waited for once, as train.py runs them
+    (it never waits for a step), so host work overlaps device work on both sides."""
     for _ in range(repeats):
         for c in candidates:
             c.step()
+            c.sync()
             start = time.perf_counter()
             for _ in range(iters):
                 c.step()
+            c.sync()
             c.times.append((time.perf_counter() - start) / iters)
 
 

@@ -12,7 +12,6 @@ import collections
 import gzip
 import json
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,21 +20,23 @@ import jax
 Kernel = tuple[str, float]  # (name, microseconds)
 
 
-def trace_steps(step: Callable[[], None], directory: Path, torch_step: bool, steps: int) -> None:
-    """Run `step` `steps` times under the framework's profiler, writing a trace under
-    `directory`."""
-    if torch_step:
+def trace_steps(candidate: Any, directory: Path, steps: int) -> None:
+    """Run a benchmark candidate's `step` `steps` times, then its `sync`, under its framework's
+    profiler (PyTorch for `torch ...` labels), writing a trace under `directory`."""
+    if candidate.impl.startswith("torch"):
         import torch
 
         with torch.profiler.profile() as prof:
             for _ in range(steps):
-                step()
+                candidate.step()
+            candidate.sync()
         directory.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(directory / "trace.json"))
     else:
         with jax.profiler.trace(str(directory), create_perfetto_trace=True):
             for _ in range(steps):
-                step()
+                candidate.step()
+            candidate.sync()
 
 
 def _load(path: Path) -> list[dict]:
@@ -97,7 +98,7 @@ def file_name(impl: str) -> str:
 
 
 def profile_cases(cases: list[tuple[str, list[Any]]], directory: Path, steps: int = 2) -> None:
-    """Trace `steps` steps of every benchmark candidate (its `.impl` label and `.step`) into
+    """Trace `steps` steps of every benchmark candidate (`.impl` label, `.step`, `.sync`) into
     `directory`/<case>/<impl> and print each one's kernel summary. All ca_flax traces come first: after torch.profiler had run, later
     jax.profiler traces held no GPU kernels (H200, torch 2.11, jax 0.11)."""
     jobs = [(case, c) for case, candidates in cases for c in candidates]
@@ -105,7 +106,7 @@ def profile_cases(cases: list[tuple[str, list[Any]]], directory: Path, steps: in
     for case, c in jobs:
         path = directory / case / file_name(c.impl)
         try:
-            trace_steps(c.step, path, c.impl.startswith("torch"), steps)
+            trace_steps(c, path, steps)
         except Exception as e:  # a profiler missing on this host must not cost the timings
             print(f"{case} {c.impl}: profile failed: {type(e).__name__}: {str(e)[:120]}")
             continue

@@ -80,8 +80,9 @@ def kernel_summary(kernels: list[Kernel], steps: int, top: int = 8) -> str:
     total = collections.Counter()
     count = collections.Counter()
     for name, micros in kernels:
-        total[kernel_group(name)] += micros / steps
-        count[kernel_group(name)] += 1
+        group = kernel_group(name)
+        total[group] += micros / steps
+        count[group] += 1
     lines = [
         f"    {sum(total.values()) / 1e3:.1f} ms of kernels per step, "
         f"{len(kernels) // steps} kernels per step"
@@ -99,8 +100,9 @@ def file_name(impl: str) -> str:
 
 def profile_cases(cases: list[tuple[str, list[Any]]], directory: Path, steps: int = 2) -> None:
     """Trace `steps` steps of every benchmark candidate (`.impl` label, `.step`, `.sync`) into
-    `directory`/<case>/<impl> and print each one's kernel summary. All ca_flax traces come first: after torch.profiler had run, later
-    jax.profiler traces held no GPU kernels (H200, torch 2.11, jax 0.11)."""
+    `directory`/<case>/<impl> and print each one's kernel summary. All ca_flax traces come
+    first: after torch.profiler had run, later jax.profiler traces held no GPU kernels (H200,
+    torch 2.11, jax 0.11)."""
     jobs = [(case, c) for case, candidates in cases for c in candidates]
     jobs.sort(key=lambda job: job[1].impl.startswith("torch"))
     for case, c in jobs:

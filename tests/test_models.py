@@ -20,6 +20,7 @@ from ca_flax.layers import (
     conv_formulation,
     depthwise_conv3x3,
     make_divisible,
+    xla_conv,
 )
 from ca_flax.summary import count_params
 
@@ -57,13 +58,6 @@ def test_make_divisible_rounding_rules():
     assert make_divisible(36) == 40  # never below 90% of the value
 
 
-def _lax_conv3x3(x, k, stride, groups):
-    return jax.lax.conv_general_dilated(
-        x, k, (stride, stride), ((1, 1), (1, 1)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
-    )  # fmt: skip
-
-
 @pytest.mark.parametrize("depthwise", [True, False], ids=["depthwise", "dense"])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("hw", [(8, 8), (7, 9), (6, 5)])
@@ -73,14 +67,16 @@ def test_shifted_window_convs_equal_xla_convolution(depthwise, stride, hw):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((2, *hw, 5)), jnp.float32)
     k = jnp.asarray(rng.standard_normal((3, 3, 1 if depthwise else 5, 5 if depthwise else 7)))
-    groups = 5 if depthwise else 1
 
     def ours(x, k):
         return depthwise_conv3x3(x, k, stride) if depthwise else conv3x3_im2col(x, k, stride)
 
-    np.testing.assert_allclose(ours(x, k), _lax_conv3x3(x, k, stride, groups), atol=1e-5)
+    def lax_conv(x, k):
+        return xla_conv(x, k, stride, depthwise=depthwise)
+
+    np.testing.assert_allclose(ours(x, k), lax_conv(x, k), atol=1e-5)
     grad = jax.grad(lambda x, k: jnp.sum(ours(x, k) ** 2), (0, 1))(x, k)
-    grad_ref = jax.grad(lambda x, k: jnp.sum(_lax_conv3x3(x, k, stride, groups) ** 2), (0, 1))(x, k)
+    grad_ref = jax.grad(lambda x, k: jnp.sum(lax_conv(x, k) ** 2), (0, 1))(x, k)
     for a, b in zip(grad, grad_ref, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 

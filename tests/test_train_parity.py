@@ -22,6 +22,7 @@ import torch_reference
 
 import ca_flax
 from ca_flax.convert import convert_state_dict, expected_layout
+from ca_flax.layers import CONV_FORMULATIONS, accum_dtype, conv_formulation
 
 NUM_CLASSES = 10
 
@@ -96,8 +97,11 @@ def rounding_noise(ref: torch.nn.Module, x, y, truth: dict, floor: float) -> lis
     return draws
 
 
+@pytest.mark.parametrize("formulation", CONV_FORMULATIONS)
 @pytest.mark.parametrize("name", ["mobilenetv2_ca", "mobilenext"])
-def test_one_train_step_matches_pytorch(name):
+def test_one_train_step_matches_pytorch(name, formulation):
+    """In each formulation: 'windows' (CPU) and 'xla' (GPU and TPU, with the fused BatchNorm
+    gradient) are both held to PyTorch."""
     ref32 = torch_reference.randomize(torch_reference.build(name, num_classes=NUM_CLASSES), 5)
     ref64 = copy.deepcopy(ref32).double()
     gen = torch.Generator().manual_seed(6)
@@ -113,7 +117,7 @@ def test_one_train_step_matches_pytorch(name):
     # against the scale of all gradients instead of their own (zero) norm.
     floor = 1e-6 * max(np.linalg.norm(g) for g in grads_t64.values())
 
-    with jax.enable_x64(True):
+    with jax.enable_x64(True), conv_formulation(formulation):
         loss_f64, grads_f64, stats_f64 = flax_step(
             name, state64, x_nhwc.astype(np.float64), y.numpy(), jnp.float64, jit=True
         )
@@ -130,9 +134,10 @@ def test_one_train_step_matches_pytorch(name):
     # is a lottery, for PyTorch too (its median error is 5e-5 to 3e-2 across seeds and sizes).
     # Bound the median and worst error over all tensors by 2x the worst of PyTorch's float32
     # and of two float64 runs with parameters moved by 1e-6.
-    loss_f32, grads_f32, stats_f32 = flax_step(
-        name, state32, x_nhwc, y.numpy(), jnp.float32, jit=True
-    )
+    with conv_formulation(formulation):
+        loss_f32, grads_f32, stats_f32 = flax_step(
+            name, state32, x_nhwc, y.numpy(), jnp.float32, jit=True
+        )
     flax32 = by_torch_key(name, grads_f32, stats_f32)
     np.testing.assert_allclose(loss_f32, loss_t32, rtol=1e-5)
     ours = errors(flax32, grads_t64, floor)
@@ -192,16 +197,18 @@ def test_bfloat16_computes_in_bf16_with_float32_state():
     assert all(leaf.dtype == jnp.float32 for leaf in leaves)
 
 
-def test_float32_batchnorm_keeps_its_digits_far_from_zero():
+@pytest.mark.parametrize("formulation", CONV_FORMULATIONS)
+def test_float32_batchnorm_keeps_its_digits_far_from_zero(formulation):
     """Train-mode BatchNorm in float32 on inputs whose mean is 1000x their spread, where an
     E[x^2]-E[x]^2 variance loses its digits: outputs, gradients and running statistics stay
-    within 1e-3 of float64. The network-level check cannot resolve this through the chaos."""
+    within 1e-3 of float64, for the autodiff ('windows') and the fused ('xla') gradient.
+    The network-level check cannot resolve this through the chaos."""
     rng = np.random.default_rng(0)
     x = 1000.0 + rng.standard_normal((4, 6, 6, 8))
     dy = rng.standard_normal(x.shape)
     params = {"scale": rng.uniform(0.5, 2.0, 8), "bias": rng.standard_normal(8)}
 
-    def run(dtype):
+    def run(dtype, formulation):
         bn = ca_flax.layers.BatchNorm(dtype=dtype)
         stats = {"mean": jnp.zeros(8, dtype), "var": jnp.ones(8, dtype)}
 
@@ -211,14 +218,56 @@ def test_float32_batchnorm_keeps_its_digits_far_from_zero():
             )
             return jnp.vdot(y, dy.astype(dtype)), (y, new["batch_stats"])
 
-        step = jax.jit(jax.grad(objective, argnums=(0, 1), has_aux=True))
         cast = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
-        (grads, dx), (y, new) = step(cast, jnp.asarray(x, dtype))
+        with conv_formulation(formulation):  # jit traces here, in this formulation
+            step = jax.jit(jax.grad(objective, argnums=(0, 1), has_aux=True))
+            (grads, dx), (y, new) = step(cast, jnp.asarray(x, dtype))
         outputs = (y, dx, grads["scale"], grads["bias"], new["mean"], new["var"])
         return [np.asarray(a, np.float64) for a in outputs]
 
     with jax.enable_x64(True):
-        want = run(jnp.float64)
-    got = run(jnp.float32)
+        want = run(jnp.float64, "windows")  # the textbook: two passes, autodiff
+    got = run(jnp.float32, formulation)
     for name, a, b in zip(["y", "dx", "dscale", "dbias", "mean", "var"], got, want, strict=True):
         assert rel_err(a, b, 1e-30) < 1e-3, (name, rel_err(a, b, 1e-30))
+
+
+def test_fused_batchnorm_gradient_is_autodiffs():
+    """The 'xla' formulation's written-out BatchNorm gradient equals autodiff's ('windows'):
+    outputs, input and parameter gradients and running statistics agree to float64 rounding.
+    In bf16 it keeps the dtypes (bf16 input gradient, fp32 parameter gradients) and, summing in
+    fp32, lands nearer the float64 truth than autodiff (dscale 0.2% against 3.4% off)."""
+    rng = np.random.default_rng(1)
+    x = 3.0 + 2.0 * rng.standard_normal((3, 5, 7, 6))
+    dy = rng.standard_normal(x.shape)
+    params = {"scale": rng.uniform(0.5, 2.0, 6), "bias": rng.standard_normal(6)}
+    stats = {"mean": rng.standard_normal(6), "var": rng.uniform(0.5, 2.0, 6)}
+
+    def run(formulation, dtype):
+        bn = ca_flax.layers.BatchNorm(dtype=dtype)
+
+        def objective(params, x):
+            y, new = bn.apply(
+                {"params": params, "batch_stats": stats}, x, True, mutable=["batch_stats"]
+            )
+            return jnp.vdot(y, jnp.asarray(dy, y.dtype)), (y, new["batch_stats"])
+
+        with conv_formulation(formulation):
+            step = jax.jit(jax.grad(objective, argnums=(0, 1), has_aux=True))
+            (grads, dx), (y, new) = step(params, jnp.asarray(x, dtype))
+        assert dx.dtype == dtype and grads["scale"].dtype == accum_dtype(dtype)
+        outputs = {"y": y, "dx": dx, "dscale": grads["scale"], "dbias": grads["bias"], **new}
+        return {k: np.asarray(v, np.float64) for k, v in outputs.items()}
+
+    x = np.asarray(jnp.asarray(x, jnp.bfloat16), np.float64)  # exact in both dtypes
+    with jax.enable_x64(True):
+        truth, fused64 = run("windows", jnp.float64), run("xla", jnp.float64)
+    for k, want in truth.items():
+        assert rel_err(fused64[k], want, 1e-30) < 1e-12, k
+    autodiff16, fused16 = run("windows", jnp.bfloat16), run("xla", jnp.bfloat16)
+    for k, want in truth.items():
+        fused_err, autodiff_err = (
+            rel_err(fused16[k], want, 1e-30),
+            rel_err(autodiff16[k], want, 1e-30),
+        )
+        assert fused_err < 1e-2 and fused_err <= autodiff_err + 1e-3, (k, fused_err, autodiff_err)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One GPU session's checks, in order of value: the bf16 batch-256 train-step benchmark against
-# PyTorch AMP + channels_last + torch.compile (both conv formulations, with kernel traces), the
-# formulations' agreement on the GPU, then inference. Results go to ${OUT:-gpu_out}.
-# On the device tool's machine (its python3 holds jax, flax, optax and torch; ~9 min on H200):
+# PyTorch AMP + channels_last + torch.compile (the default `xla` formulation, with kernel
+# traces), inference in both formulations, then the formulations' agreement on the GPU.
+# Results go to ${OUT:-gpu_out}. Each ca_flax train compile takes ~75 s on an H200 (autotuning).
+# On the device tool's machine (its python3 holds jax, flax, optax and torch; ~8 min on H200):
 #   OUT=$OUT scripts/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -14,10 +15,10 @@ nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,clocks.max.sm --f
 $PY -c "import jax, flax, optax, torch; print('jax', jax.__version__, 'flax', flax.__version__,
 'optax', optax.__version__, 'torch', torch.__version__, jax.devices())"
 BENCH=($PY -m ca_flax.bench --models mobilenetv2_ca mobilenext --batch-sizes 256
-  --dtype bfloat16 --torch-configs amp --formulations windows xla --skip-input-pipeline
-  --repeats 5 --iters 5)
+  --dtype bfloat16 --torch-configs amp --skip-input-pipeline --repeats 5 --iters 10)
 "${BENCH[@]}" --modes train --profile /tmp/ca_flax_profile --json "$OUT/bench_train.json" \
   2>&1 | tee "$OUT/bench_train.log"
 (cd /tmp && tar czf - --exclude="*.xplane.pb" ca_flax_profile) > "$OUT/profiles.tgz"
+"${BENCH[@]}" --modes infer --formulations xla windows --json "$OUT/bench_infer.json" 2>&1 \
+  | tee "$OUT/bench_infer.log"
 $PY scripts/gpu_formulations_agree.py 2>&1 | tee "$OUT/agree.log"
-"${BENCH[@]}" --modes infer --json "$OUT/bench_infer.json" 2>&1 | tee "$OUT/bench_infer.log"

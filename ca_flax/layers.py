@@ -115,10 +115,15 @@ def shifted_moments(xs: Array) -> tuple[Array, Array]:
 def normalize(
     x: Array, scale: Array, bias: Array, mean: Array, inv_std: Array, dtype: Dtype
 ) -> Array:
-    """(x - mean) * inv_std * scale + bias as one multiply-add per element, in `dtype`."""
+    """(x - mean) * inv_std * scale + bias as one multiply-add per element, cast to `dtype`.
+
+    The multiply-add runs in float32 (at least) so that autodiff sums the scale and bias
+    gradients in float32: in bf16 they came out 49% / 20% off at a (32, 56, 56, 144) layer.
+    """
     mul = scale * inv_std
     add = bias - mean * mul
-    return x * mul.astype(dtype) + add.astype(dtype)
+    out_dtype = jnp.promote_types(x.dtype, dtype)
+    return (x.astype(mul.dtype) * mul + add).astype(out_dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))

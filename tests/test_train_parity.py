@@ -235,10 +235,11 @@ def test_float32_batchnorm_keeps_its_digits_far_from_zero(formulation):
 def test_fused_batchnorm_gradient_is_autodiffs():
     """The 'xla' formulation's written-out BatchNorm gradient equals autodiff's ('windows'):
     outputs, input and parameter gradients and running statistics agree to float64 rounding.
-    In bf16 it keeps the dtypes (bf16 input gradient, fp32 parameter gradients) and, summing in
-    fp32, lands nearer the float64 truth than autodiff (dscale 0.2% against 3.4% off)."""
+    In bf16 both keep the dtypes (bf16 input gradient, fp32 parameter gradients) and stay within
+    1% of the float64 truth: scale and bias gradients are summed in fp32 (summed in bf16, they
+    were 49% / 20% off at a real layer's size)."""
     rng = np.random.default_rng(1)
-    x = 3.0 + 2.0 * rng.standard_normal((3, 5, 7, 6))
+    x = 3.0 + 2.0 * rng.standard_normal((4, 16, 16, 6))
     dy = rng.standard_normal(x.shape)
     params = {"scale": rng.uniform(0.5, 2.0, 6), "bias": rng.standard_normal(6)}
     stats = {"mean": rng.standard_normal(6), "var": rng.uniform(0.5, 2.0, 6)}
@@ -260,14 +261,16 @@ def test_fused_batchnorm_gradient_is_autodiffs():
         return {k: np.asarray(v, np.float64) for k, v in outputs.items()}
 
     x = np.asarray(jnp.asarray(x, jnp.bfloat16), np.float64)  # exact in both dtypes
+    dy = np.asarray(jnp.asarray(dy, jnp.bfloat16), np.float64)
     with jax.enable_x64(True):
-        truth, fused64 = run("windows", jnp.float64), run("xla", jnp.float64)
+        truth, fused = run("windows", jnp.float64), run("xla", jnp.float64)
     for k, want in truth.items():
-        assert rel_err(fused64[k], want, 1e-30) < 1e-12, k
-    autodiff16, fused16 = run("windows", jnp.bfloat16), run("xla", jnp.bfloat16)
-    for k, want in truth.items():
-        fused_err, autodiff_err = (
-            rel_err(fused16[k], want, 1e-30),
-            rel_err(autodiff16[k], want, 1e-30),
-        )
-        assert fused_err < 1e-2 and fused_err <= autodiff_err + 1e-3, (k, fused_err, autodiff_err)
+        assert rel_err(fused[k], want, 1e-30) < 1e-12, k
+    for formulation in CONV_FORMULATIONS:
+        bf16 = run(formulation, jnp.bfloat16)
+        for k, want in truth.items():
+            assert rel_err(bf16[k], want, 1e-30) < 1e-2, (
+                formulation,
+                k,
+                rel_err(bf16[k], want, 1e-30),
+            )

@@ -12,11 +12,16 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import train_helpers
 
+from ca_flax.layers import CONV_FORMULATIONS
+
 SCRIPT = r"""
+import sys
 import jax, numpy as np
 from configs import quickstart
+from ca_flax.layers import conv_formulation
 from ca_flax.training import optim, steps, trainer
 from ca_flax.training.data import Layout
 from ca_flax.training.digits import DigitsDataset
@@ -46,8 +51,9 @@ def run(devices):
     assert state.params["features_0"]["0"]["kernel"].sharding.is_fully_replicated
     return jax.device_get(state), jax.device_get(metrics)
 
-sharded, m8 = run(jax.devices())
-single, m1 = run(jax.devices()[:1])
+with conv_formulation(sys.argv[1]):  # traced on the first call, inside run
+    sharded, m8 = run(jax.devices())
+    single, m1 = run(jax.devices()[:1])
 np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
 np.testing.assert_allclose(m8["accuracy"], m1["accuracy"])
 for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(sharded), jax.tree.leaves(single)):
@@ -58,9 +64,11 @@ print("SHARDED_EQUALS_SINGLE", float(m8["loss"]), float(m1["loss"]))
 """
 
 
-def test_sharded_step_equals_single_device_step() -> None:
+@pytest.mark.parametrize("formulation", CONV_FORMULATIONS)
+def test_sharded_step_equals_single_device_step(formulation: str) -> None:
+    """In both formulations: GPUs and TPUs train under 'xla', with the fused BatchNorm gradient."""
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT],
+        [sys.executable, "-c", SCRIPT, formulation],
         cwd=train_helpers.REPO,
         env=train_helpers.env(devices=8),
         capture_output=True,

@@ -197,6 +197,28 @@ def test_bfloat16_computes_in_bf16_with_float32_state():
     assert all(leaf.dtype == jnp.float32 for leaf in leaves)
 
 
+def batchnorm_train_step(x, dy, params, stats, dtype, formulation) -> dict[str, np.ndarray]:
+    """y, dx, dscale, dbias and the updated running mean and var of one train-mode BatchNorm
+    with loss <y, dy>, traced in `formulation`, as float64 arrays. Parameters and statistics
+    are held in the accumulation dtype, as in the models; the gradients keep their dtypes."""
+    bn = ca_flax.layers.BatchNorm(dtype=dtype)
+    acc = accum_dtype(dtype)
+    params, stats = (jax.tree.map(lambda a: jnp.asarray(a, acc), t) for t in (params, stats))
+
+    def objective(params, x):
+        y, new = bn.apply(
+            {"params": params, "batch_stats": stats}, x, True, mutable=["batch_stats"]
+        )
+        return jnp.vdot(y, jnp.asarray(dy, y.dtype)), (y, new["batch_stats"])
+
+    with conv_formulation(formulation):  # jit traces here, in this formulation
+        step = jax.jit(jax.grad(objective, argnums=(0, 1), has_aux=True))
+        (grads, dx), (y, new) = step(params, jnp.asarray(x, dtype))
+    assert dx.dtype == dtype and grads["scale"].dtype == acc
+    outputs = {"y": y, "dx": dx, "dscale": grads["scale"], "dbias": grads["bias"], **new}
+    return {k: np.asarray(v, np.float64) for k, v in outputs.items()}
+
+
 @pytest.mark.parametrize("formulation", CONV_FORMULATIONS)
 def test_float32_batchnorm_keeps_its_digits_far_from_zero(formulation):
     """Train-mode BatchNorm in float32 on inputs whose mean is 1000x their spread, where an
@@ -207,29 +229,13 @@ def test_float32_batchnorm_keeps_its_digits_far_from_zero(formulation):
     x = 1000.0 + rng.standard_normal((4, 6, 6, 8))
     dy = rng.standard_normal(x.shape)
     params = {"scale": rng.uniform(0.5, 2.0, 8), "bias": rng.standard_normal(8)}
+    stats = {"mean": np.zeros(8), "var": np.ones(8)}
 
-    def run(dtype, formulation):
-        bn = ca_flax.layers.BatchNorm(dtype=dtype)
-        stats = {"mean": jnp.zeros(8, dtype), "var": jnp.ones(8, dtype)}
-
-        def objective(params, x):
-            y, new = bn.apply(
-                {"params": params, "batch_stats": stats}, x, True, mutable=["batch_stats"]
-            )
-            return jnp.vdot(y, dy.astype(dtype)), (y, new["batch_stats"])
-
-        cast = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
-        with conv_formulation(formulation):  # jit traces here, in this formulation
-            step = jax.jit(jax.grad(objective, argnums=(0, 1), has_aux=True))
-            (grads, dx), (y, new) = step(cast, jnp.asarray(x, dtype))
-        outputs = (y, dx, grads["scale"], grads["bias"], new["mean"], new["var"])
-        return [np.asarray(a, np.float64) for a in outputs]
-
-    with jax.enable_x64(True):
-        want = run(jnp.float64, "windows")  # the textbook: two passes, autodiff
-    got = run(jnp.float32, formulation)
-    for name, a, b in zip(["y", "dx", "dscale", "dbias", "mean", "var"], got, want, strict=True):
-        assert rel_err(a, b, 1e-30) < 1e-3, (name, rel_err(a, b, 1e-30))
+    with jax.enable_x64(True):  # the textbook: two passes, autodiff
+        want = batchnorm_train_step(x, dy, params, stats, jnp.float64, "windows")
+    got = batchnorm_train_step(x, dy, params, stats, jnp.float32, formulation)
+    for name, b in want.items():
+        assert rel_err(got[name], b, 1e-30) < 1e-3, (name, rel_err(got[name], b, 1e-30))
 
 
 def test_fused_batchnorm_gradient_is_autodiffs():
@@ -244,33 +250,15 @@ def test_fused_batchnorm_gradient_is_autodiffs():
     params = {"scale": rng.uniform(0.5, 2.0, 6), "bias": rng.standard_normal(6)}
     stats = {"mean": rng.standard_normal(6), "var": rng.uniform(0.5, 2.0, 6)}
 
-    def run(formulation, dtype):
-        bn = ca_flax.layers.BatchNorm(dtype=dtype)
-
-        def objective(params, x):
-            y, new = bn.apply(
-                {"params": params, "batch_stats": stats}, x, True, mutable=["batch_stats"]
-            )
-            return jnp.vdot(y, jnp.asarray(dy, y.dtype)), (y, new["batch_stats"])
-
-        with conv_formulation(formulation):
-            step = jax.jit(jax.grad(objective, argnums=(0, 1), has_aux=True))
-            (grads, dx), (y, new) = step(params, jnp.asarray(x, dtype))
-        assert dx.dtype == dtype and grads["scale"].dtype == accum_dtype(dtype)
-        outputs = {"y": y, "dx": dx, "dscale": grads["scale"], "dbias": grads["bias"], **new}
-        return {k: np.asarray(v, np.float64) for k, v in outputs.items()}
-
     x = np.asarray(jnp.asarray(x, jnp.bfloat16), np.float64)  # exact in both dtypes
     dy = np.asarray(jnp.asarray(dy, jnp.bfloat16), np.float64)
     with jax.enable_x64(True):
-        truth, fused = run("windows", jnp.float64), run("xla", jnp.float64)
+        truth = batchnorm_train_step(x, dy, params, stats, jnp.float64, "windows")
+        fused = batchnorm_train_step(x, dy, params, stats, jnp.float64, "xla")
     for k, want in truth.items():
         assert rel_err(fused[k], want, 1e-30) < 1e-12, k
     for formulation in CONV_FORMULATIONS:
-        bf16 = run(formulation, jnp.bfloat16)
+        bf16 = batchnorm_train_step(x, dy, params, stats, jnp.bfloat16, formulation)
         for k, want in truth.items():
-            assert rel_err(bf16[k], want, 1e-30) < 1e-2, (
-                formulation,
-                k,
-                rel_err(bf16[k], want, 1e-30),
-            )
+            err = rel_err(bf16[k], want, 1e-30)
+            assert err < 1e-2, (formulation, k, err)

@@ -13,185 +13,28 @@ come from tests/torch_reference.py.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from ca_flax import hugepages
+from ca_flax.bench_candidates import Candidate, jax_candidate, load_torch_reference, torch_candidate
 from ca_flax.blocking import block_budget_mb
-from ca_flax.layers import CONV_FORMULATIONS, active_conv_formulation, conv_formulation
+from ca_flax.layers import CONV_FORMULATIONS
 from ca_flax.profiling import profile_cases
-from ca_flax.registry import create_model
 from ca_flax.roofline import (
     SPEC_BANDWIDTH_GB_S,
     stream_bandwidth_gb_s,
-    xla_cost,
-    xla_memory_mb,
 )
-
-REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "torch_reference.py"
-Step = Callable[[], None]
-
-
-@dataclass
-class Candidate:
-    """One implementation of one (model, mode, batch) case, ready to be timed: `step` dispatches
-    a step (it may return before the device is done), `sync` waits for all dispatched steps."""
-
-    impl: str
-    step: Step
-    sync: Step
-    compile_s: float
-    memory_mb: float | None = None
-    flops: float | None = None  # per step, from XLA's cost analysis (ca_flax, unblocked only)
-    bytes_accessed: float | None = None  # per step, likewise
-    times: list[float] = field(default_factory=list)
-
-
-def load_torch_reference() -> Any:
-    if not REFERENCE.is_file():
-        sys.exit(f"error: {REFERENCE} not found: run the benchmark from a ca-flax checkout")
-    spec = importlib.util.spec_from_file_location("torch_reference", REFERENCE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def jax_candidate(
-    name: str,
-    mode: str,
-    batch: int,
-    size: int,
-    dtype: Any,
-    width: float = 1.0,
-    block_mb: float | None = None,
-    formulation: str | None = None,
-) -> Candidate:
-    """Jitted inference or train step; compile time and XLA's memory estimate measured.
-
-    `block_mb` is the model's `inference_block_mb` (None: the backend's default, 0: off);
-    `formulation` the convolutions' form (None: the backend's default).
-    """
-    model = create_model(name, dtype=dtype, width_mult=width, inference_block_mb=block_mb)
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, size, size, 3)), dtype)
-    labels = jnp.zeros((batch,), jnp.int32)
-    variables = jax.jit(model.init)(jax.random.key(0), x[:1])
-    tx = optax.sgd(0.01, momentum=0.9)
-    if mode == "infer":
-        fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
-        args = (variables, x)
-    else:
-
-        def train_step(state, x, labels, key):
-            params, stats, opt = state
-
-            def loss_fn(p):
-                logits, new = model.apply(
-                    {"params": p, "batch_stats": stats}, x, train=True,
-                    mutable=["batch_stats"], rngs={"dropout": key},
-                )  # fmt: skip
-                loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-                return loss, new["batch_stats"]
-
-            (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-            updates, opt = tx.update(grads, opt, params)
-            return optax.apply_updates(params, updates), stats, opt
-
-        fn = jax.jit(train_step, donate_argnums=0)
-        params = variables["params"]
-        args = [(params, variables["batch_stats"], tx.init(params)), x, labels, jax.random.key(1)]
-    start = time.perf_counter()
-    with conv_formulation(formulation or active_conv_formulation()):
-        compiled = fn.lower(*args).compile()
-    compile_s = time.perf_counter() - start
-    memory_mb = xla_memory_mb(compiled)
-    # A blocked program is a loop: XLA's cost analysis counts one trip, so only unblocked counts.
-    blocked = mode == "infer" and block_budget_mb(block_mb) > 0
-    flops, bytes_accessed = (None, None) if blocked else xla_cost(compiled)
-
-    outputs = []
-
-    def step() -> None:
-        out = compiled(*args)
-        if mode == "train":
-            args[0] = out  # the next step consumes this one's state
-        outputs[:] = [out]  # a device runs its steps in order: the last one done, all done
-
-    def sync() -> None:
-        jax.block_until_ready(outputs)
-
-    step()
-    sync()
-    label = f"ca_flax ({jnp.dtype(dtype).name})"
-    if block_mb is not None:
-        label += f" block {block_mb:g} MB" if block_mb else " unblocked"
-    if formulation is not None:
-        label += f" {formulation} convs"
-    return Candidate(label, step, sync, compile_s, memory_mb, flops, bytes_accessed)
-
-
-def torch_candidate(
-    ref: Any, name: str, mode: str, batch: int, size: int, config: str, width: float = 1.0
-) -> Candidate | None:
-    """PyTorch reference in one configuration (eager, channels_last, compile, amp)."""
-    import torch
-
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    if config == "amp" and not cuda:
-        return None
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    model = ref.build(name, width=width).to(device)
-    x = torch.randn(batch, 3, size, size, device=device)
-    labels = torch.zeros(batch, dtype=torch.long, device=device)
-    if config in ("channels_last", "compile", "amp"):
-        model = model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-    model.train(mode == "train")
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    run_model = torch.compile(model) if config in ("compile", "amp") else model
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=config == "amp")
-
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize()
-
-    def step() -> None:
-        if mode == "infer":
-            with torch.inference_mode(), autocast:
-                run_model(x)
-        else:
-            opt.zero_grad(set_to_none=True)
-            with autocast:
-                loss = torch.nn.functional.cross_entropy(run_model(x), labels)
-            loss.backward()
-            opt.step()
-
-    start = time.perf_counter()
-    try:
-        step()
-        sync()
-    except Exception as e:  # torch.compile needs a working toolchain; report, don't crash
-        print(f"  torch {config} unavailable: {type(e).__name__}: {str(e)[:120]}")
-        return None
-    compile_s = time.perf_counter() - start
-    memory_mb = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
-    return Candidate(f"torch {config}", step, sync, compile_s, memory_mb)
 
 
 def time_interleaved(candidates: list[Candidate], repeats: int, iters: int) -> None:

@@ -12,9 +12,31 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ca_flax.layers import Array, BatchNorm, Dtype, conv1x1, hard_swish
+from ca_flax.layers import Array, BatchNorm, Dtype, active_conv_formulation, conv1x1, hard_swish
 
 ATTENTIONS = ("ca", "se", "cbam")
+
+
+def apply_gates(x: Array, gates: tuple[Array, ...], train: bool) -> Array:
+    """`x` times each of `gates` (broadcasting): the last step of every attention block.
+
+    For CPU inference ('windows' convolutions) the product is its own XLA computation (a
+    `lax.cond` with the same function in both branches), so it reads `x` as already written.
+    Otherwise XLA:CPU fuses a second run of the nine-tap depthwise that made `x` into the
+    multiply: 102 against 42 us in a 56x56x144 CA block; inference +10% (mobilenetv2_ca, _se),
+    +5% (mobilenext_ca), +22% (mobilenetv2_cbam). Training keeps the plain product (no gain).
+    (`optimization_barrier` does not do this: XLA:CPU drops barriers before fusion.)
+    """
+
+    def product(x: Array, *gates: Array) -> Array:
+        for g in gates:
+            x = x * g
+        return x
+
+    if train or active_conv_formulation() != "windows":
+        return product(x, *gates)
+    first = gates[0].reshape(-1)[0]
+    return jax.lax.cond(first == first, product, product, x, *gates)  # NaN takes the same path
 
 
 class CoordAttention(nn.Module):
@@ -43,7 +65,7 @@ class CoordAttention(nn.Module):
         a_w = jax.nn.sigmoid(conv1x1(c, "conv3", self.dtype, use_bias=True)(y_w))
         self.sow("intermediates", "a_h", a_h)
         self.sow("intermediates", "a_w", a_w)
-        return x * a_h * a_w
+        return apply_gates(x, (a_h, a_w), train)
 
 
 class SqueezeExcite(nn.Module):
@@ -57,7 +79,7 @@ class SqueezeExcite(nn.Module):
         s = jnp.mean(x, axis=(1, 2), keepdims=True)
         s = nn.relu(conv1x1(self.squeeze, "fc1", self.dtype, use_bias=True)(s))
         s = jax.nn.sigmoid(conv1x1(x.shape[-1], "fc2", self.dtype, use_bias=True)(s))
-        return x * s
+        return apply_gates(x, (s,), train)
 
 
 class CBAM(nn.Module):
@@ -76,7 +98,7 @@ class CBAM(nn.Module):
 
         avg = jnp.mean(x, axis=(1, 2), keepdims=True)
         peak = jnp.max(x, axis=(1, 2), keepdims=True)
-        x = x * jax.nn.sigmoid(mlp(avg) + mlp(peak))
+        x = apply_gates(x, (jax.nn.sigmoid(mlp(avg) + mlp(peak)),), train)
         pooled = jnp.concatenate(
             [jnp.max(x, axis=-1, keepdims=True), jnp.mean(x, axis=-1, keepdims=True)], axis=-1
         )
@@ -89,7 +111,7 @@ class CBAM(nn.Module):
             name="spatial_conv",
         )(pooled)
         s = BatchNorm(dtype=self.dtype, name="spatial_bn")(s, train)
-        return x * jax.nn.sigmoid(s)
+        return apply_gates(x, (jax.nn.sigmoid(s),), train)
 
 
 def attention_factory(

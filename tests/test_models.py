@@ -148,8 +148,33 @@ def test_coord_attention_gates_by_height_and_width():
     out, state = block.apply(variables, x, mutable=["intermediates"])
     a_h, a_w = state["intermediates"]["a_h"][0], state["intermediates"]["a_w"][0]
     assert a_h.shape == (2, 6, 1, 16) and a_w.shape == (2, 1, 10, 16)
-    np.testing.assert_allclose(out, x * a_h * a_w, rtol=1e-6)
+    np.testing.assert_array_equal(out, x * a_h * a_w)  # bitwise, through the CPU gate's cond
     assert variables["params"]["conv1"]["kernel"].shape == (1, 1, 16, 8)  # mip = max(8, C // 32)
+
+
+@pytest.mark.parametrize(
+    ("block", "gates"),
+    [
+        (ca_flax.CoordAttention, 1),
+        (lambda: ca_flax.SqueezeExcite(4), 1),
+        (lambda: ca_flax.CBAM(4), 2),
+    ],
+    ids=["ca", "se", "cbam"],
+)
+def test_cpu_inference_gates_are_their_own_computation(block, gates):
+    """Under 'windows' at inference each attention gate (CBAM has two) runs inside a `cond`, so
+    XLA:CPU reads the gated activation as written instead of re-running its producer (see
+    `apply_gates`); training and the 'xla' formulation keep the plain product."""
+    x = jax.random.normal(jax.random.key(0), (2, 6, 10, 16))
+    variables = block().init(jax.random.key(1), x)
+
+    def conds(formulation: str, train: bool) -> int:
+        with conv_formulation(formulation):
+            apply = partial(block().apply, variables, train=train, mutable=["batch_stats"])
+            return str(jax.make_jaxpr(apply)(x)).count("cond[")
+
+    assert conds("windows", train=False) == gates
+    assert conds("windows", train=True) == conds("xla", train=False) == 0
 
 
 def scan_depth(jaxpr: jax.extend.core.Jaxpr) -> int:

@@ -20,8 +20,9 @@ ATTENTIONS = ("ca", "se", "cbam")
 def apply_gates(x: Array, gates: tuple[Array, ...], train: bool) -> Array:
     """`x` times each of `gates` (broadcasting): the last step of every attention block.
 
-    For CPU inference ('windows' convolutions) the product is its own XLA computation (a
-    `lax.cond` with the same function in both branches), so it reads `x` as already written.
+    For CPU inference (CPU backend, 'windows' convolutions) the product is its own XLA
+    computation (a `lax.cond` with the same function in both branches; on a GPU its predicate
+    would cost a sync), so it reads `x` as already written.
     Otherwise XLA:CPU fuses a second run of the nine-tap depthwise that made `x` into the
     multiply: 102 against 42 us in a 56x56x144 CA block; inference +10% (mobilenetv2_ca, _se),
     +5% (mobilenext_ca), +22% (mobilenetv2_cbam). Training keeps the plain product (no gain).
@@ -33,7 +34,7 @@ def apply_gates(x: Array, gates: tuple[Array, ...], train: bool) -> Array:
             x = x * g
         return x
 
-    if train or active_conv_formulation() != "windows":
+    if train or active_conv_formulation() != "windows" or jax.default_backend() != "cpu":
         return product(x, *gates)
     first = gates[0].reshape(-1)[0]
     return jax.lax.cond(first == first, product, product, x, *gates)  # NaN takes the same path

@@ -34,7 +34,8 @@ def apply_gates(x: Array, gates: tuple[Array, ...], train: bool) -> Array:
             x = x * g
         return x
 
-    if train or active_conv_formulation() != "windows" or jax.default_backend() != "cpu":
+    cpu_inference = active_conv_formulation() == "windows" and jax.default_backend() == "cpu"
+    if train or not cpu_inference or x.size == 0:
         return product(x, *gates)
     first = gates[0].reshape(-1)[0]
     return jax.lax.cond(first == first, product, product, x, *gates)  # NaN takes the same path

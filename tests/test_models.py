@@ -210,6 +210,15 @@ def test_cache_blocked_inference_is_the_same_computation(name):
     chex.assert_trees_all_equal(upd_a, upd_b)
 
 
+@pytest.mark.parametrize("block_mb", [None, 0.0], ids=["blocked", "unblocked"])
+def test_empty_batch_gives_empty_logits(block_mb):
+    """An empty batch (a last partial batch of nothing) is no error, blocked or not, CA included."""
+    model = ca_flax.create_model("mobilenetv2_ca", num_classes=7, width_mult=0.35,
+                                 inference_block_mb=block_mb)  # fmt: skip
+    variables = model.init(jax.random.key(0), jnp.ones((1, 32, 32, 3)))
+    assert model.apply(variables, jnp.ones((0, 32, 32, 3))).shape == (0, 7)
+
+
 def test_chunk_size_is_the_largest_divisor_within_budget():
     mb = 2**20
     assert chunk_size(16, 3 * mb, 3.0) == 1

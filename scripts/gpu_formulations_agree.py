@@ -80,10 +80,8 @@ def main() -> int:
                 (f"depthwise stride {stride} gradients", depthwise_gradient_error(stride), 1e-4)
             ]
         checks += [
-            ("batchnorm fp32 fused vs autodiff", batchnorm_gradient_error(jnp.float32), 1e-4)
-        ]
-        checks += [
-            ("batchnorm bf16 fused vs autodiff", batchnorm_gradient_error(jnp.bfloat16), 5e-2)
+            ("batchnorm fp32 fused vs autodiff", batchnorm_gradient_error(jnp.float32), 1e-4),
+            ("batchnorm bf16 fused vs autodiff", batchnorm_gradient_error(jnp.bfloat16), 5e-2),
         ]
     for label, error, bar in checks:
         print(f"{label}: {error:.1e} (bar {bar:.0e}) {'ok' if error < bar else 'FAILED'}")

@@ -7,6 +7,7 @@ any is off. Whole-network gradients are not compared: ReLU6 kinks make them a lo
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -67,25 +68,28 @@ def batchnorm_gradient_error(dtype: jnp.dtype) -> float:
     return max(rel(a, b) for a, b in zip(*results, strict=True))
 
 
+def checks() -> Iterator[tuple[str, float, float]]:
+    """(label, relative error, bar) of each check, computed one at a time."""
+    for name in ("mobilenetv2_ca", "mobilenext"):
+        formulations, bf16 = logits_error(name)
+        yield f"{name} logits windows vs xla", formulations, 1e-4
+        yield f"{name} logits bf16 vs fp32", bf16, 5e-2
+    for stride in (1, 2):
+        yield f"depthwise stride {stride} gradients", depthwise_gradient_error(stride), 1e-4
+    yield "batchnorm fp32 fused vs autodiff", batchnorm_gradient_error(jnp.float32), 1e-4
+    yield "batchnorm bf16 fused vs autodiff", batchnorm_gradient_error(jnp.bfloat16), 5e-2
+
+
 def main() -> int:
-    print(f"device: {jax.devices()[0].device_kind}")
-    checks = []
+    """Prints each check as it finishes, so a run killed at a time limit keeps the ones done."""
+    print(f"device: {jax.devices()[0].device_kind}", flush=True)
+    failed = 0
     with jax.default_matmul_precision("highest"):
-        for name in ("mobilenetv2_ca", "mobilenext"):
-            formulations, bf16 = logits_error(name)
-            checks += [(f"{name} logits windows vs xla", formulations, 1e-4)]
-            checks += [(f"{name} logits bf16 vs fp32", bf16, 5e-2)]
-        for stride in (1, 2):
-            checks += [
-                (f"depthwise stride {stride} gradients", depthwise_gradient_error(stride), 1e-4)
-            ]
-        checks += [
-            ("batchnorm fp32 fused vs autodiff", batchnorm_gradient_error(jnp.float32), 1e-4),
-            ("batchnorm bf16 fused vs autodiff", batchnorm_gradient_error(jnp.bfloat16), 5e-2),
-        ]
-    for label, error, bar in checks:
-        print(f"{label}: {error:.1e} (bar {bar:.0e}) {'ok' if error < bar else 'FAILED'}")
-    return 0 if all(error < bar for _, error, bar in checks) else 1
+        for label, error, bar in checks():
+            failed += error >= bar
+            verdict = "ok" if error < bar else "FAILED"
+            print(f"{label}: {error:.1e} (bar {bar:.0e}) {verdict}", flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -34,7 +34,13 @@ class Checkpointer:
                 ),
             ]
         )
-        options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True)
+        # best_fn makes orbax write each step's metrics, so the best survives a restart.
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=policy,
+            best_fn=lambda m: m[BEST_METRIC],
+            best_mode="max",
+            create=True,
+        )
         directory = Path(workdir).absolute() / "checkpoints"
         self.manager = ocp.CheckpointManager(directory, options=options)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,9 @@ def save_pretrained(
         "model_kwargs": dict(model_kwargs or {}),
         **(extra or {}),
     }
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    # mkdir (not mkdtemp, which makes 0700) so the checkpoint gets the umask's usual mode.
+    tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex}"
+    tmp.mkdir()
     try:
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(tmp / VARIABLES_DIR, jax.tree.map(jnp.asarray, variables))
@@ -77,6 +79,14 @@ def load_pretrained(
     target = jax.eval_shape(
         lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False)
     )
-    target = {k: target[k] for k in ("params", "batch_stats")}
+    # Onto this process's first device, whichever device wrote it (a GPU host, cpu:1, another
+    # process): without a sharding orbax looks for the writer's device and fails.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = {
+        k: jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), target[k]
+        )
+        for k in ("params", "batch_stats")
+    }
     variables = ocp.StandardCheckpointer().restore(directory / VARIABLES_DIR, target)
     return model, variables

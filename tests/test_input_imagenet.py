@@ -78,6 +78,13 @@ def test_pipeline_shapes_labels_pixels(data_dir: Path) -> None:
                 np.testing.assert_allclose(image.mean((0, 1)), expected_pixels(label), atol=0.05)
 
 
+def test_batch_larger_than_the_training_split_is_named(data_dir: Path) -> None:
+    config = small_config(data_dir)
+    config.max_train_examples = 4
+    with pytest.raises(ValueError, match=r"config\.batch_size=8 exceeds the 4 training examples"):
+        ImageNetDataset(config, Layout(8, 8, 0, 1))
+
+
 def test_same_seed_and_step_give_same_batches(data_dir: Path) -> None:
     config = small_config(data_dir)
     first = ImageNetDataset(config, Layout(8, 8, 0, 1)).train_batches(0)

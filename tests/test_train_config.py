@@ -26,6 +26,7 @@ from ca_flax.training.optim import weight_decay_mask
         ("dtype", "float16", "must be one of"),
         ("randaugment", "rand-m9-n2", "not implemented"),
         ("ema_decay", 1.5, "must be in [0, 1)"),
+        ("eval_every_epochs", 0, "must be > 0"),
     ],
 )
 def test_bad_field_is_named(field: str, value: object, message: str) -> None:

@@ -56,6 +56,11 @@ def check_config(config: Any) -> None:
     _require(config.log_every_steps > 0, "log_every_steps", "must be > 0")
     _require(config.checkpoint_every_steps > 0, "checkpoint_every_steps", "must be > 0")
     _require(config.keep_checkpoints > 0, "keep_checkpoints", "must be > 0")
+    _require(
+        config.eval_every_epochs > 0,
+        "eval_every_epochs",
+        f"must be > 0 (the last step always evaluates), got {config.eval_every_epochs}",
+    )
 
 
 def check_dataset(config: Any) -> None:

@@ -77,6 +77,11 @@ class ImageNetDataset:
             self.num_train_examples = min(self.num_train_examples, config.max_train_examples)
         self.num_eval_examples = info.splits[config.eval_split].num_examples
         self.steps_per_epoch = self.num_train_examples // layout.global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"config.batch_size={layout.global_batch} exceeds the {self.num_train_examples} "
+                f"training examples of {config.dataset} (see config.max_train_examples)"
+            )
         self._train_split = self._process_split(config.train_split, self.num_train_examples)
         self._eval_split = tfds.split_for_jax_process(config.eval_split)
 

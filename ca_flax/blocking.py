@@ -117,7 +117,8 @@ def run_blocked(
 
 def run_layers(layers: Sequence[nn.Module], x: Array, train: bool, budget_mb: float) -> Array:
     """Apply `layers` in order; at inference cache-blocked (`run_blocked`) with working sets
-    from `bytes_per_image`. `budget_mb` 0 turns blocking off; an empty batch has nothing to block."""
-    if train or budget_mb <= 0 or x.shape[0] == 0:
+    from `bytes_per_image`. `budget_mb` 0 turns blocking off; an empty batch has nothing to block,
+    and a symbolic batch (`jax.export` shape polymorphism) no chunk size to divide."""
+    if train or budget_mb <= 0 or not isinstance(x.shape[0], int) or x.shape[0] == 0:
         return Chain(tuple(layers))(x, train)
     return run_blocked(layers, bytes_per_image(layers, x), x, budget_mb)

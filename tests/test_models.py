@@ -219,6 +219,16 @@ def test_empty_batch_gives_empty_logits(block_mb):
     assert model.apply(variables, jnp.ones((0, 32, 32, 3))).shape == (0, 7)
 
 
+def test_symbolic_batch_exports_with_default_blocking():
+    """jax.export with a polymorphic batch runs unblocked (no chunk size divides `b`)."""
+    model = ca_flax.create_model("mobilenetv2_ca", num_classes=7, width_mult=0.35)
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.ones((1, 32, 32, 3)))
+    spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape("b, 32, 32, 3"), jnp.float32)
+    exported = jax.export.export(jax.jit(lambda x: model.apply(variables, x)))(spec)
+    x = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
+    np.testing.assert_allclose(exported.call(x), model.apply(variables, x), atol=1e-5)
+
+
 def test_chunk_size_is_the_largest_divisor_within_budget():
     mb = 2**20
     assert chunk_size(16, 3 * mb, 3.0) == 1

@@ -59,10 +59,34 @@ def save_pretrained(
 
 
 def read_metadata(directory: str | Path) -> dict[str, Any]:
+    """The `ca_flax.json` of a checkpoint directory, checked for the keys loading needs."""
     path = Path(directory) / METADATA_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{directory}: not a ca_flax checkpoint ({METADATA_FILE} missing)")
-    return json.loads(path.read_text())
+    try:
+        metadata = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    required = ("model", "model_kwargs")
+    if not isinstance(metadata, dict) or any(k not in metadata for k in required):
+        raise ValueError(f"{path}: not a ca_flax checkpoint's metadata (needs keys {required})")
+    return metadata
+
+
+def check_stored_shapes(directory: Path, stored: Any, target: dict[str, Any]) -> None:
+    """Fail naming the first variable whose stored shape differs from the model's, before
+    orbax does (its message names neither the variable nor the metadata that caused it)."""
+    stored_shapes = {
+        jax.tree_util.keystr(path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(stored.item_metadata)
+    }
+    for path, leaf in jax.tree_util.tree_leaves_with_path(target):
+        key = jax.tree_util.keystr(path)
+        if stored_shapes.get(key) != tuple(leaf.shape):
+            raise ValueError(
+                f"{directory}: variable {key} is stored as {stored_shapes.get(key)} but the model "
+                f"from {METADATA_FILE} (and overrides) wants {tuple(leaf.shape)}"
+            )
 
 
 def load_pretrained(
@@ -88,5 +112,7 @@ def load_pretrained(
         )
         for k in ("params", "batch_stats")
     }
-    variables = ocp.StandardCheckpointer().restore(directory / VARIABLES_DIR, target)
+    checkpointer = ocp.StandardCheckpointer()
+    check_stored_shapes(directory, checkpointer.metadata(directory / VARIABLES_DIR), target)
+    variables = checkpointer.restore(directory / VARIABLES_DIR, target)
     return model, variables

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -139,3 +141,25 @@ def test_cli_bad_checkpoint_is_one_line(tmp_path, capsys):
     assert main(["--checkpoint", str(tmp_path), str(tmp_path / "x.jpg")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a ca_flax checkpoint" in err[0]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda meta: "{model: oops", "not valid JSON"),
+        (lambda meta: json.dumps({"model_kwargs": meta["model_kwargs"]}), "needs keys"),
+        (
+            lambda meta: json.dumps({**meta, "model_kwargs": {"width_mult": 0.5}}),
+            "is stored as",
+        ),
+    ],
+    ids=["invalid-json", "no-model", "wrong-width"],
+)
+def test_cli_damaged_metadata_is_one_line(checkpoint, tmp_path, capsys, edit, message):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(checkpoint[0], damaged)
+    meta_file = damaged / "ca_flax.json"
+    meta_file.write_text(edit(json.loads(meta_file.read_text())))
+    assert main(["--checkpoint", str(damaged), str(tmp_path / "x.jpg")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and str(damaged) in err[0], err

@@ -7,6 +7,8 @@ Multi-host: pass `--multihost` on TPU pods (or clusters JAX auto-detects), or gi
 
 from __future__ import annotations
 
+import sys
+
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -30,7 +32,9 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     # Imported here, not at the top: the trainer pulls in TensorFlow (~5 s), which the
     # huge-pages re-execution in __main__ would otherwise pay for twice.
+    from ca_flax.pretrained import CheckpointMismatchError
     from ca_flax.training import train_and_evaluate
+    from ca_flax.training.config_check import ConfigError
 
     if _CPU_COLLECTIVES.value:
         jax.config.update("jax_cpu_collectives_implementation", _CPU_COLLECTIVES.value)
@@ -42,7 +46,10 @@ def main(argv: list[str]) -> None:
         "process %d/%d, %d local / %d global devices",
         jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
     )  # fmt: skip
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except (ConfigError, CheckpointMismatchError) as e:  # the message names the field or key
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

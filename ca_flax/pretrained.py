@@ -73,19 +73,24 @@ def read_metadata(directory: str | Path) -> dict[str, Any]:
     return metadata
 
 
-def check_stored_shapes(directory: Path, stored: Any, target: dict[str, Any]) -> None:
-    """Fail naming the first variable whose stored shape differs from the model's, before
-    orbax does (its message names neither the variable nor the metadata that caused it)."""
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's stored variables do not fit the model asked to load them."""
+
+
+def check_stored_shapes(where: str, stored: Any, variables: dict[str, Any], cause: str) -> None:
+    """Fail naming the first variable whose shape in an orbax checkpoint (`stored`, its
+    metadata tree) differs from `variables` ({'params', 'batch_stats'}), before orbax's restore
+    does: its message names neither the variable nor what `cause`d the difference."""
     stored_shapes = {
         jax.tree_util.keystr(path): tuple(leaf.shape)
-        for path, leaf in jax.tree_util.tree_leaves_with_path(stored.item_metadata)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(stored)
     }
-    for path, leaf in jax.tree_util.tree_leaves_with_path(target):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(variables):
         key = jax.tree_util.keystr(path)
         if stored_shapes.get(key) != tuple(leaf.shape):
-            raise ValueError(
-                f"{directory}: variable {key} is stored as {stored_shapes.get(key)} but the model "
-                f"from {METADATA_FILE} (and overrides) wants {tuple(leaf.shape)}"
+            raise CheckpointMismatchError(
+                f"{where}: variable {key} is stored as {stored_shapes.get(key)} but the model "
+                f"wants {tuple(leaf.shape)} ({cause})"
             )
 
 
@@ -113,6 +118,7 @@ def load_pretrained(
         for k in ("params", "batch_stats")
     }
     checkpointer = ocp.StandardCheckpointer()
-    check_stored_shapes(directory, checkpointer.metadata(directory / VARIABLES_DIR), target)
+    stored = checkpointer.metadata(directory / VARIABLES_DIR).item_metadata
+    check_stored_shapes(str(directory), stored, target, f"model from {METADATA_FILE} and overrides")
     variables = checkpointer.restore(directory / VARIABLES_DIR, target)
     return model, variables

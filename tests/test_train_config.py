@@ -53,7 +53,10 @@ def test_batch_not_divisible_by_devices_fails_at_start(tmp_path: Path) -> None:
         timeout=300,
     )
     assert proc.returncode != 0
-    assert "config.batch_size: 12 must be a positive multiple of the device count (8" in proc.stderr
+    assert "error: config.batch_size: 12 must be a positive multiple of the device count (8" in (
+        proc.stderr
+    )
+    assert "Traceback" not in proc.stderr
 
 
 def _random_variables(model, seed: int) -> dict:

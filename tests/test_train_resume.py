@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -72,3 +73,23 @@ def test_sigterm_then_resume_matches_uninterrupted(
     expected = train_helpers.load_checkpoint(uninterrupted, TOTAL)
     train_helpers.assert_trees_close(final, expected)
     assert int(np.asarray(final["step"])) == TOTAL
+
+
+def test_resume_with_another_model_config_is_one_line(
+    uninterrupted: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    workdir = tmp_path / "run"
+    shutil.copytree(uninterrupted, workdir)
+    proc = subprocess.run(
+        train_helpers.train_cmd(workdir, *RUN, "--config.width_mult=0.5"),
+        cwd=train_helpers.REPO,
+        env=train_helpers.env(1, cache_dir),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "is stored as" in errors[0], proc.stderr[-3000:]
+    assert "another model config" in errors[0]

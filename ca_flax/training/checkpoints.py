@@ -15,6 +15,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from ca_flax.pretrained import check_stored_shapes
 from ca_flax.training.steps import TrainState
 
 BEST_METRIC = "top1"
@@ -63,6 +64,13 @@ class Checkpointer:
         """The state at `step` (default latest), laid out like `abstract_state` (arrays or
         ShapeDtypeStructs with shardings): any device count, whatever wrote the checkpoint."""
         step = self.latest_step() if step is None else step
+        directory = self.manager.directory / str(step)
+        check_stored_shapes(
+            str(directory),
+            ocp.StandardCheckpointer().metadata(directory / "default").item_metadata,
+            abstract_state.variables(),
+            "the workdir holds a run with another model config; use a new --workdir",
+        )
         target = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), abstract_state
         )

@@ -93,3 +93,15 @@ def test_resume_with_another_model_config_is_one_line(
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "is stored as" in errors[0], proc.stderr[-3000:]
     assert "another model config" in errors[0]
+
+
+def test_rerun_of_a_finished_run_keeps_its_summary(
+    uninterrupted: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    workdir = tmp_path / "run"
+    shutil.copytree(uninterrupted, workdir)
+    before = json.loads((workdir / "summary.json").read_text())
+    train_helpers.run_train(workdir, *RUN, cache_dir=cache_dir)
+    after = json.loads((workdir / "summary.json").read_text())
+    assert after["images_per_second"] == before["images_per_second"] > 0
+    assert after["best_checkpoint_step"] == before["best"]["step"]

@@ -204,6 +204,14 @@ class Trainer:
         if epoch_end or step % cfg.checkpoint_every_steps == 0:
             self._save({"top1": eval_metrics["eval/top1"]} if eval_metrics else None)
 
+    def _images_per_second(self, progress: Progress) -> float:
+        """This process's training rate; a re-run of a finished run trains nothing, so it
+        keeps the rate its summary already holds."""
+        previous = self.workdir / SUMMARY_FILE
+        if progress.last_step == progress.start_step and previous.exists():
+            return json.loads(previous.read_text())["images_per_second"]
+        return progress.images_per_second()
+
     def _write_summary(self, progress: Progress) -> dict[str, Any]:
         history = []
         path = self.workdir / EVAL_HISTORY_FILE
@@ -215,7 +223,7 @@ class Trainer:
             "final": final,
             "best": best,
             "steps": self.total_steps,
-            "images_per_second": progress.images_per_second(),
+            "images_per_second": self._images_per_second(progress),
             "devices": jax.device_count(),
             "processes": jax.process_count(),
             "best_checkpoint_step": self.checkpointer.best_step(),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -62,8 +62,8 @@ def save_figure(fig: Figure, out: str | Path) -> Path:
     """Write the figure as PNG to a temporary sibling, then rename it into place."""
     out = Path(out).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
-    os.close(fd)
+    # A named sibling rather than mkstemp (0600), so the PNG gets the umask's usual mode.
+    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex}.png"
     try:
         fig.savefig(tmp, format="png", dpi=fig.dpi)
         os.replace(tmp, out)

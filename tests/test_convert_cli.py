@@ -101,7 +101,13 @@ def test_wrong_shape_names_key_and_shapes(small_ref, tmp_path):
     sd["classifier.1.weight"] = torch.zeros(10, 1280)
     path = tmp_path / "shape.pth"
     torch.save(sd, path)
-    with pytest.raises(ConversionError, match=r"classifier.1.weight.*\(10, 1280\).*\(1000, 1280\)"):
+    shapes = r"classifier.1.weight.*\(10, 1280\).*\(1000, 1280\) \(check --num-classes\)"
+    with pytest.raises(ConversionError, match=shapes):
+        load_torch_checkpoint(path, NAME, **SMALL)
+    sd = dict(small_ref.state_dict())
+    sd["features.0.0.weight"] = torch.zeros(8, 3, 3, 3)
+    torch.save(sd, path)
+    with pytest.raises(ConversionError, match=r"features.0.0.weight.*\(check --width-mult\)"):
         load_torch_checkpoint(path, NAME, **SMALL)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -103,6 +105,10 @@ def test_cli_writes_labelled_png(tmp_path, capsys):
     assert main([*argv, "--dpi", "50"]) == 0
     png = np.asarray(Image.open(out).convert("RGB"))
     assert png.shape == (2 * 150, 3 * 150, 3)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "maps.png", "photo.jpg"]
     assert png.std() > 20 and len(np.unique(png.reshape(-1, 3), axis=0)) > 1000
     assert main([*argv[:-3], "--blocks", "1"]) == 1
     err = capsys.readouterr().err.strip().splitlines()

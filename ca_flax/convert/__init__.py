@@ -155,8 +155,13 @@ def _check_layout(
         if state[key].shape != torch_shape(shape):
             raise ConversionError(
                 f"{source}: key {key!r} has shape {tuple(state[key].shape)}, model {name!r} "
-                f"expects {torch_shape(shape)} (check --width-mult)"
+                f"expects {torch_shape(shape)} (check {_shape_flag(key)})"
             )
+
+
+def _shape_flag(key: str) -> str:
+    """The CLI flag that sets the shape of the released checkpoint's `key`."""
+    return "--num-classes" if key.startswith("classifier") else "--width-mult"
 
 
 def _family_hint(state: dict[str, np.ndarray], name: str, model_kwargs: dict) -> str:

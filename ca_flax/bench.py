@@ -19,6 +19,7 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from ca_flax.bench_candidates import Candidate, jax_candidate, load_torch_refere
 from ca_flax.blocking import block_budget_mb
 from ca_flax.layers import CONV_FORMULATIONS
 from ca_flax.profiling import profile_cases
+from ca_flax.registry import list_models
 from ca_flax.roofline import (
     SPEC_BANDWIDTH_GB_S,
     stream_bandwidth_gb_s,
@@ -159,12 +161,26 @@ def environment() -> dict[str, Any]:
     }
 
 
+def positive(kind: type) -> Callable[[str], Any]:
+    """An argparse type: `kind(text)`, refused unless above zero."""
+
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m ca_flax.bench", description=__doc__)
-    p.add_argument("--models", nargs="+", default=["mobilenetv2_ca", "mobilenext"])
-    p.add_argument("--batch-sizes", nargs="+", type=int, default=[16])
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--width-mult", type=float, default=1.0)
+    p.add_argument(
+        "--models", nargs="+", choices=list_models(), default=["mobilenetv2_ca", "mobilenext"]
+    )
+    p.add_argument("--batch-sizes", nargs="+", type=positive(int), default=[16])
+    p.add_argument("--size", type=positive(int), default=224)
+    p.add_argument("--width-mult", type=positive(float), default=1.0)
     p.add_argument("--modes", nargs="+", choices=["infer", "train"], default=["infer", "train"])
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument(
@@ -175,15 +191,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--formulations", nargs="+", choices=CONV_FORMULATIONS,
         help="time ca_flax with each of these conv formulations (default: the backend's own)",
     )  # fmt: skip
-    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds (median taken)")
-    p.add_argument("--iters", type=int, default=3, help="steps per candidate per round")
+    p.add_argument(
+        "--repeats", type=positive(int), default=5, help="interleaved rounds (median taken)"
+    )
+    p.add_argument("--iters", type=positive(int), default=3, help="steps per candidate per round")
     p.add_argument("--skip-input-pipeline", action="store_true")
     p.add_argument(
         "--profile", type=Path, metavar="DIR",
         help="after timing, trace 2 steps of every candidate into DIR and print kernel summaries",
     )  # fmt: skip
     p.add_argument("--json", default="bench.json", help="where to write the results")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not Path(args.json).absolute().parent.is_dir():
+        p.error(f"--json {args.json}: its directory does not exist")
+    return args
 
 
 def jax_candidates(name: str, mode: str, batch: int, args: argparse.Namespace) -> list[Candidate]:

@@ -6,11 +6,19 @@
 #   agree  both formulations' agreement on the GPU (over 100 s on an H200; 78 s on 2 CPU cores)
 # A 15-minute device lease holds train, or infer + agree, not all three.
 # Results go to ${OUT:-gpu_out}. On the device tool's machine (its python3 holds jax, flax,
-# optax and torch):  OUT=$OUT scripts/gpu_check.sh agree infer
+# optax and torch):  OUT=$OUT scripts/gpu_check.sh agree infer   (MODELS=mobilenext: one model)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
 MODELS=${MODELS:-mobilenetv2_ca mobilenext}
+STAGES=("$@")
+[ ${#STAGES[@]} -gt 0 ] || STAGES=(train infer agree)
+for stage in "${STAGES[@]}"; do
+  case $stage in
+  train | infer | agree) ;;
+  *) echo "unknown stage '$stage' (train, infer, agree)" >&2; exit 2 ;;
+  esac
+done
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
@@ -20,8 +28,6 @@ $PY -c "import jax, flax, optax, torch; print('jax', jax.__version__, 'flax', fl
 # shellcheck disable=SC2206
 BENCH=($PY -m ca_flax.bench --models $MODELS --batch-sizes 256
   --dtype bfloat16 --torch-configs amp --skip-input-pipeline --repeats 5 --iters 10)
-STAGES=("$@")
-[ ${#STAGES[@]} -gt 0 ] || STAGES=(train infer agree)
 for stage in "${STAGES[@]}"; do
   case $stage in
   train)
@@ -33,8 +39,5 @@ for stage in "${STAGES[@]}"; do
       | tee "$OUT/bench_infer.log" ;;
   agree)
     $PY scripts/gpu_formulations_agree.py 2>&1 | tee "$OUT/agree.log" ;;
-  *)
-    echo "unknown stage '$stage' (train, infer, agree)" >&2
-    exit 2 ;;
   esac
 done

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from ca_flax import bench
 from ca_flax.profiling import file_name
 
@@ -47,3 +49,19 @@ def test_bench_reports_flax_and_torch_for_each_mode(tmp_path, capsys):
               (tmp_path / "profile").rglob("*.json*")}  # fmt: skip
     assert traces == {(f"mobilenetv2_ca_{r['mode']}_2", file_name(r["impl"])) for r in rows}
     assert printed.count("no device kernels recorded") == len(rows)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--models", "resnet50"], "invalid choice: 'resnet50'"),
+        (["--batch-sizes", "0"], "--batch-sizes: must be > 0"),
+        (["--repeats", "0"], "--repeats: must be > 0"),
+        (["--json", "/no/such/dir/b.json"], "its directory does not exist"),
+    ],
+)
+def test_bad_arguments_fail_before_any_compile(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -64,7 +64,7 @@ def test_cli_writes_checkpoint_that_load_pretrained_reads(ckpt, small_ref, tmp_p
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-3)  # exactness: parity tests
 
 
-@pytest.mark.parametrize("wrapper", ["state_dict", "model", "ddp", "ema"])
+@pytest.mark.parametrize("wrapper", ["state_dict", "model", "ddp", "ddp-nested", "ema"])
 def test_wrapped_and_prefixed_checkpoints_convert(wrapper, small_ref, tmp_path):
     sd = small_ref.state_dict()
     decoy = {k: torch.zeros_like(v) for k, v in sd.items()}
@@ -72,6 +72,7 @@ def test_wrapped_and_prefixed_checkpoints_convert(wrapper, small_ref, tmp_path):
         "state_dict": {"state_dict": sd, "epoch": 3},
         "model": {"model": sd},
         "ddp": {"state_dict": {f"module.{k}": v for k, v in sd.items()}},
+        "ddp-nested": {f"module.module.{k}": v for k, v in sd.items()},
         "ema": {"state_dict": decoy, "state_dict_ema": sd},
     }[wrapper]
     path = tmp_path / "wrapped.pth.tar"
@@ -79,6 +80,26 @@ def test_wrapped_and_prefixed_checkpoints_convert(wrapper, small_ref, tmp_path):
     variables = load_torch_checkpoint(path, NAME, ema=wrapper == "ema", **SMALL)
     kernel = variables["params"]["features_0"]["0"]["kernel"]
     np.testing.assert_array_equal(kernel, sd["features.0.0.weight"].numpy().transpose(2, 3, 1, 0))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("nan", r"key 'features.1.conv.1.running_var' holds 1 NaN/inf values"),
+        ("twice", r"key 'features.0.0.weight' appears twice"),
+    ],
+)
+def test_nonfinite_and_duplicate_keys_are_named(damage, message, small_ref, tmp_path):
+    sd = dict(small_ref.state_dict())
+    if damage == "nan":
+        sd["features.1.conv.1.running_var"] = sd["features.1.conv.1.running_var"].clone()
+        sd["features.1.conv.1.running_var"][0] = float("nan")
+    else:
+        sd["module.features.0.0.weight"] = sd["features.0.0.weight"]
+    path = tmp_path / "damaged.pth"
+    torch.save(sd, path)
+    with pytest.raises(ConversionError, match=message):
+        load_torch_checkpoint(path, NAME, **SMALL)
 
 
 def test_missing_and_unexpected_keys_listed_with_count(small_ref, tmp_path):

@@ -60,13 +60,19 @@ def read_torch_state_dict(path: str | Path, ema: bool = False) -> dict[str, np.n
         raise ConversionError(f"{path}: unreadable or truncated checkpoint: {first}") from None
     state = _unwrap(obj, ema, path)
     out = {}
-    for key, value in state.items():
-        key = key.removeprefix("module.")
+    for raw_key, value in state.items():
+        key = re.sub(r"^(module\.)+", "", raw_key)  # DataParallel / DDP wrappers, nested too
         if key.endswith("num_batches_tracked"):
             continue
         if not isinstance(value, torch.Tensor):
             raise ConversionError(f"{path}: key {key!r} holds {type(value).__name__}, not a tensor")
-        out[key] = value.detach().to(torch.float32).numpy()
+        if key in out:
+            raise ConversionError(f"{path}: key {key!r} appears twice (as {raw_key!r} too)")
+        array = value.detach().to(torch.float32).numpy()
+        if not np.isfinite(array).all():
+            bad = int(np.size(array) - np.isfinite(array).sum())
+            raise ConversionError(f"{path}: key {key!r} holds {bad} NaN/inf values")
+        out[key] = array
     return out
 
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from sklearn.datasets import load_digits
 
+from ca_flax.training.config_check import ConfigError
 from ca_flax.training.data import Batch, Layout, normalize, num_eval_steps, pad_eval_batches
 
 NUM_VALIDATION = 360
@@ -46,7 +47,7 @@ class DigitsDataset:
         self.num_train_examples, self.num_eval_examples = len(train), len(val)
         self.steps_per_epoch = self.num_train_examples // layout.global_batch
         if self.steps_per_epoch == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"config.batch_size={layout.global_batch} exceeds the "
                 f"{self.num_train_examples} digits training images"
             )

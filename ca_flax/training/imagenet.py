@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from ca_flax.training.config_check import ConfigError
 from ca_flax.training.data import (
     MEAN_RGB,
     STD_RGB,
@@ -78,7 +79,7 @@ class ImageNetDataset:
         self.num_eval_examples = info.splits[config.eval_split].num_examples
         self.steps_per_epoch = self.num_train_examples // layout.global_batch
         if self.steps_per_epoch == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"config.batch_size={layout.global_batch} exceeds the {self.num_train_examples} "
                 f"training examples of {config.dataset} (see config.max_train_examples)"
             )

@@ -209,7 +209,7 @@ class Trainer:
         keeps the rate its summary already holds."""
         previous = self.workdir / SUMMARY_FILE
         if progress.last_step == progress.start_step and previous.exists():
-            return json.loads(previous.read_text())["images_per_second"]
+            return json.loads(previous.read_text()).get("images_per_second", 0.0)
         return progress.images_per_second()
 
     def _write_summary(self, progress: Progress) -> dict[str, Any]:

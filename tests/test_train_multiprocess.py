@@ -8,9 +8,12 @@ import subprocess
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import train_helpers
 
+import ca_flax
+from ca_flax.pretrained import save_pretrained
 from ca_flax.training import optim, steps, trainer
 from ca_flax.training.checkpoints import Checkpointer
 from ca_flax.training.data import Layout
@@ -36,12 +39,21 @@ def test_processes_read_disjoint_rows_of_each_global_batch() -> None:
         )
 
 
+def _imagenet_pretrained(directory: Path) -> Path:
+    """A 1000-class checkpoint of the quickstart's model, as `init_from` takes it."""
+    model = ca_flax.create_model("mobilenetv2_ca", width_mult=0.35)
+    variables = jax.jit(model.init)(jax.random.key(7), jnp.zeros((1, 32, 32, 3)))
+    return save_pretrained(directory, "mobilenetv2_ca", variables, {"width_mult": 0.35})
+
+
 def test_two_processes_match_one_process(tmp_path: Path) -> None:
+    """Also from a pretrained checkpoint (init_from), which every process loads."""
     port = _free_port()
     multi = tmp_path / "two_processes"
+    run = [*RUN, f"--config.init_from={_imagenet_pretrained(tmp_path / 'pretrained')}"]
     procs = [
         subprocess.Popen(
-            train_helpers.train_cmd(multi, *RUN)
+            train_helpers.train_cmd(multi, *run)
             + [
                 f"--coordinator_address=127.0.0.1:{port}",
                 "--num_processes=2",
@@ -60,9 +72,10 @@ def test_two_processes_match_one_process(tmp_path: Path) -> None:
     for p, log in zip(procs, logs, strict=True):
         assert p.returncode == 0, log[-4000:]
     assert "step 2/2" in logs[0] and "step 2/2" not in logs[1]  # process 0 alone logs
+    assert all("init_from: re-initialised params/classifier_1" in log for log in logs)
 
     single = tmp_path / "one_process"
-    train_helpers.run_train(single, *RUN, devices=2)
+    train_helpers.run_train(single, *run, devices=2)
     summaries = [json.loads((d / "summary.json").read_text()) for d in (multi, single)]
     assert summaries[0]["processes"] == 2 and summaries[1]["processes"] == 1
     assert summaries[0]["final"]["eval/count"] == summaries[1]["final"]["eval/count"] == 360

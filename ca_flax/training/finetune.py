@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import traverse_util
@@ -32,10 +31,12 @@ def load_init_variables(
         dst = traverse_util.flatten_dict(jax.device_get(fresh[collection]), sep="/")
         merged, reinit = {}, []
         for key, value in dst.items():
+            # Host arrays: init_state places them on the mesh, which on a multi-host run spans
+            # devices that arrays committed to this process's device cannot be moved onto.
             if key in src and np.shape(src[key]) == np.shape(value):
-                merged[key] = jnp.asarray(src[key])
+                merged[key] = np.asarray(src[key])
             else:
-                merged[key], _ = jnp.asarray(value), reinit.append(key)
+                merged[key], _ = np.asarray(value), reinit.append(key)
         if reinit:
             logging.info("init_from: re-initialised %s/%s", collection, ", ".join(reinit))
         out[collection] = traverse_util.unflatten_dict(merged, sep="/")

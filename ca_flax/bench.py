@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ca_flax import hugepages
+from ca_flax.atomic import write_atomically
 from ca_flax.bench_candidates import Candidate, jax_candidate, load_torch_reference, torch_candidate
 from ca_flax.blocking import block_budget_mb
 from ca_flax.layers import CONV_FORMULATIONS
@@ -264,9 +265,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def write_json(path: str, result: dict[str, Any]) -> None:
     """Write `result` to `path` through a temporary file, so a killed run leaves a whole file."""
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(result, indent=2, default=str) + "\n"
+    write_atomically(path, lambda tmp: tmp.write_text(text), overwrite=True)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,7 @@ sibling and renamed into place.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +17,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
+from ca_flax.atomic import write_atomically
 from ca_flax.layers import conv_formulation
 from ca_flax.network import ClassifierNet
 
@@ -70,20 +68,6 @@ def tflite_bytes(module: Any) -> bytes:
     return converter.convert()
 
 
-def _atomic_output(out: Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp)` on a temporary sibling of `out`, then rename it to `out`."""
-    if out.exists():
-        raise FileExistsError(f"{out}: already exists; choose a new output path")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        write(tmp_dir / out.name)
-        os.replace(tmp_dir / out.name, out)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    return out
-
-
 def export(
     model: nn.Module, variables: dict[str, Any], fmt: str, out: str | Path, size: int = 224
 ) -> Path:
@@ -94,9 +78,9 @@ def export(
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     module = tf_module(inference_fn(model, variables), size)
     if fmt == "tflite":
-        return _atomic_output(Path(out).absolute(), lambda p: p.write_bytes(tflite_bytes(module)))
+        return write_atomically(Path(out).absolute(), lambda p: p.write_bytes(tflite_bytes(module)))
     signatures = {"serving_default": module.serve.get_concrete_function()}
-    return _atomic_output(
+    return write_atomically(
         Path(out).absolute(), lambda p: tf.saved_model.save(module, str(p), signatures=signatures)
     )
 

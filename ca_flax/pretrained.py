@@ -7,9 +7,6 @@ never leaves a half-written checkpoint behind.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from ca_flax.atomic import write_atomically
 from ca_flax.registry import create_model
 
 METADATA_FILE = "ca_flax.json"
@@ -33,29 +31,21 @@ def save_pretrained(
     extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write `variables` of `create_model(name, **model_kwargs)` to a new directory, atomically."""
-    directory = Path(directory).absolute()
-    if directory.exists():
-        raise FileExistsError(f"{directory}: already exists; choose a new output directory")
-    directory.parent.mkdir(parents=True, exist_ok=True)
     metadata = {
         "format_version": FORMAT_VERSION,
         "model": name,
         "model_kwargs": dict(model_kwargs or {}),
         **(extra or {}),
     }
-    # mkdir (not mkdtemp, which makes 0700) so the checkpoint gets the umask's usual mode.
-    tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex}"
-    tmp.mkdir()
-    try:
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir()
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(tmp / VARIABLES_DIR, jax.tree.map(jnp.asarray, variables))
         checkpointer.wait_until_finished()
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
+
+    return write_atomically(directory, write)
 
 
 def read_metadata(directory: str | Path) -> dict[str, Any]:

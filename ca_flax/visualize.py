@@ -7,15 +7,14 @@ product (channel means) as heat maps over the preprocessed 224x224 crop, one row
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 from matplotlib.figure import Figure
 from PIL import Image
 
+from ca_flax.atomic import write_atomically
 from ca_flax.attention_maps import AttentionMapError, BlockMaps, ca_maps, select_blocks
 from ca_flax.preprocess import ImageError, crop_image, load_image, normalize
 
@@ -59,18 +58,10 @@ def plot_maps(crop: Image.Image, maps: Sequence[BlockMaps], dpi: int = 100) -> F
 
 
 def save_figure(fig: Figure, out: str | Path) -> Path:
-    """Write the figure as PNG to a temporary sibling, then rename it into place."""
-    out = Path(out).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # A named sibling rather than mkstemp (0600), so the PNG gets the umask's usual mode.
-    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex}.png"
-    try:
-        fig.savefig(tmp, format="png", dpi=fig.dpi)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    """Write the figure as PNG to `out` (replacing it) through a temporary sibling."""
+    return write_atomically(
+        out, lambda path: fig.savefig(path, format="png", dpi=fig.dpi), overwrite=True
+    )
 
 
 def render(checkpoint: str, image: str, out: str, blocks: Sequence[str] | None, dpi: int) -> Path:

@@ -69,9 +69,11 @@ def read_torch_state_dict(path: str | Path, ema: bool = False) -> dict[str, np.n
         if key in out:
             raise ConversionError(f"{path}: key {key!r} appears twice (as {raw_key!r} too)")
         array = value.detach().to(torch.float32).numpy()
-        if not np.isfinite(array).all():
-            bad = int(np.size(array) - np.isfinite(array).sum())
-            raise ConversionError(f"{path}: key {key!r} holds {bad} NaN/inf values")
+        finite = np.isfinite(array)
+        if not finite.all():
+            raise ConversionError(
+                f"{path}: key {key!r} holds {finite.size - finite.sum()} NaN/inf values"
+            )
         out[key] = array
     return out
 

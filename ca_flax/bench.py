@@ -31,6 +31,7 @@ from ca_flax import hugepages
 from ca_flax.atomic import write_atomically
 from ca_flax.bench_candidates import Candidate, jax_candidate, load_torch_reference, torch_candidate
 from ca_flax.blocking import block_budget_mb
+from ca_flax.inference import available_cores, use_cpu_cores
 from ca_flax.layers import CONV_FORMULATIONS
 from ca_flax.profiling import profile_cases
 from ca_flax.registry import list_models
@@ -152,6 +153,7 @@ def environment() -> dict[str, Any]:
         "device": device,
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
+        "cpu_devices": len(jax.devices("cpu")),
         "jax": jax.__version__,
         "torch": torch.__version__,
         "huge_pages": hugepages.enabled(),
@@ -196,6 +198,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--repeats", type=positive(int), default=5, help="interleaved rounds (median taken)"
     )
     p.add_argument("--iters", type=positive(int), default=3, help="steps per candidate per round")
+    p.add_argument(
+        "--cpu-devices", type=positive(int), default=available_cores(),
+        help="on CPU, also time inference spread over this many CPU devices, one per core "
+        "(default: the cores available; 1: off)",
+    )  # fmt: skip
     p.add_argument("--skip-input-pipeline", action="store_true")
     p.add_argument(
         "--profile", type=Path, metavar="DIR",
@@ -209,7 +216,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def jax_candidates(name: str, mode: str, batch: int, args: argparse.Namespace) -> list[Candidate]:
-    """ca_flax in each requested conv formulation, plus unblocked inference where it blocks."""
+    """ca_flax in each requested conv formulation, plus unblocked inference where it blocks and
+    inference spread over the CPU devices where there are several."""
     dtype = jnp.dtype(args.dtype)
     shape = (name, mode, batch, args.size, dtype, args.width_mult)
     candidates = [
@@ -218,11 +226,15 @@ def jax_candidates(name: str, mode: str, batch: int, args: argparse.Namespace) -
     ]
     if mode == "infer" and block_budget_mb() > 0:  # what cache blocking gains
         candidates.append(jax_candidate(*shape, block_mb=0.0))
+    devices = jax.local_device_count()
+    if mode == "infer" and jax.default_backend() == "cpu" and devices > 1:
+        candidates.append(jax_candidate(*shape, devices=devices))
     return candidates
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    use_cpu_cores(args.cpu_devices)  # before JAX starts: fixes the CPU device count
     # One process holds both frameworks: leave PyTorch half of a GPU (JAX takes 75% by default).
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
     import torch

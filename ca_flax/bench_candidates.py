@@ -18,6 +18,7 @@ import numpy as np
 import optax
 
 from ca_flax.blocking import block_budget_mb
+from ca_flax.inference import make_inference_fn
 from ca_flax.layers import active_conv_formulation, conv_formulation
 from ca_flax.registry import create_model
 from ca_flax.roofline import xla_cost, xla_memory_mb
@@ -50,18 +51,25 @@ def jax_candidate(
     width: float = 1.0,
     block_mb: float | None = None,
     formulation: str | None = None,
+    devices: int = 1,
 ) -> Candidate:
     """Jitted inference or train step; compile time and XLA's memory estimate measured.
 
     `block_mb` is the model's `inference_block_mb` (None: the backend's default, 0: off);
-    `formulation` the convolutions' form (None: the backend's default).
+    `formulation` the convolutions' form (None: the backend's default); `devices` > 1 spreads
+    inference over that many local devices (`ca_flax.inference`).
     """
+    if devices > 1 and mode != "infer":
+        raise ValueError(f"devices={devices}: only inference is spread over devices")
     model = create_model(name, dtype=dtype, width_mult=width, inference_block_mb=block_mb)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, size, size, 3)), dtype)
     labels = jnp.zeros((batch,), jnp.int32)
     variables = jax.jit(model.init)(jax.random.key(0), x[:1])
     tx = optax.sgd(0.01, momentum=0.9)
-    if mode == "infer":
+    if mode == "infer" and devices > 1:
+        spread = make_inference_fn(model, variables, jax.local_devices()[:devices])
+        fn, args = spread.jitted, (spread.variables, jax.device_put(x, spread.split))
+    elif mode == "infer":
         fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
         args = (variables, x)
     else:
@@ -111,6 +119,8 @@ def jax_candidate(
         label += f" block {block_mb:g} MB" if block_mb else " unblocked"
     if formulation is not None:
         label += f" {formulation} convs"
+    if devices > 1:
+        label += f" on {devices} devices"
     return Candidate(label, step, sync, compile_s, memory_mb, flops, bytes_accessed)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -16,19 +16,20 @@ import jax
 import numpy as np
 
 from ca_flax.classes import class_names
+from ca_flax.inference import SpreadFunction, spread_over_devices, use_cpu_cores
 from ca_flax.preprocess import ImageError, preprocess_file
 
 BATCH = 16
 
 
-def make_classifier(model: nn.Module, variables: dict[str, Any]) -> Callable[[np.ndarray], Any]:
-    """A jitted NHWC batch -> softmax probabilities function with inference-mode BatchNorm."""
+def make_classifier(model: nn.Module, variables: dict[str, Any]) -> SpreadFunction:
+    """NHWC batch -> softmax probabilities with inference-mode BatchNorm, jitted, the batch split
+    over this process's devices (on CPU the command line asks for one device per core)."""
 
-    @jax.jit
-    def probs(batch: jax.Array) -> jax.Array:
+    def probs(variables: dict[str, Any], batch: jax.Array) -> jax.Array:
         return jax.nn.softmax(model.apply(variables, batch, train=False), axis=-1)
 
-    return probs
+    return spread_over_devices(probs, variables)
 
 
 def top_k(probs: np.ndarray, names: Sequence[str], k: int = 5) -> list[tuple[str, float]]:
@@ -97,4 +98,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    use_cpu_cores()  # before JAX starts: one CPU device per core, each classifying its images
     sys.exit(main())

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -16,7 +19,7 @@ def test_bench_reports_flax_and_torch_for_each_mode(tmp_path, capsys):
         ["--models", "mobilenetv2_ca", "--batch-sizes", "2", "--size", "32", "--width-mult",
          "0.35", "--torch-configs", "eager", "channels_last", "--formulations", "windows", "xla",
          "--repeats", "1", "--iters", "1", "--profile", str(tmp_path / "profile"),
-         "--json", str(out)]
+         "--cpu-devices", "1", "--json", str(out)]
     )  # fmt: skip
     result = json.loads(out.read_text())
     rows = result["results"]
@@ -51,12 +54,32 @@ def test_bench_reports_flax_and_torch_for_each_mode(tmp_path, capsys):
     assert printed.count("no device kernels recorded") == len(rows)
 
 
+def test_bench_spreads_cpu_inference_over_one_device_per_core(tmp_path):
+    out = tmp_path / "bench.json"
+    argv = ["--models", "mobilenext", "--modes", "infer", "--batch-sizes", "4", "--size", "32",
+            "--width-mult", "0.35", "--torch-configs", "eager", "--repeats", "1", "--iters", "1",
+            "--skip-input-pipeline", "--cpu-devices", "2", "--json", str(out)]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    result = subprocess.run(
+        [sys.executable, "-m", "ca_flax.bench", *argv],
+        capture_output=True, text=True, env={**env, "JAX_PLATFORMS": "cpu"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["environment"]["cpu_devices"] == 2
+    rates = {r["impl"]: r["images_per_s"] for r in data["results"]}
+    assert set(rates) == {"ca_flax (float32)", "ca_flax (float32) unblocked",
+                          "ca_flax (float32) on 2 devices", "torch eager"}  # fmt: skip
+    assert all(rate > 0 for rate in rates.values())
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["--models", "resnet50"], "invalid choice: 'resnet50'"),
         (["--batch-sizes", "0"], "--batch-sizes: must be > 0"),
         (["--repeats", "0"], "--repeats: must be > 0"),
+        (["--cpu-devices", "0"], "--cpu-devices: must be > 0"),
         (["--json", "/no/such/dir/b.json"], "its directory does not exist"),
     ],
 )

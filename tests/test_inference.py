@@ -1,0 +1,64 @@
+"""Inference spread over CPU devices: one device per core, same outputs as one device."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parent
+
+SPREAD_OVER_TWO_CPU_DEVICES = textwrap.dedent(
+    """
+    import sys
+    import jax, numpy as np
+    from ca_flax.inference import make_inference_fn, use_cpu_cores
+    assert use_cpu_cores(2)
+    import ca_flax
+    from tiny_models import random_variables
+    assert jax.device_count() == 2, jax.devices()
+    assert not use_cpu_cores(3)  # JAX has started: its devices stay
+    rng = np.random.default_rng(0)
+    for name in ("mobilenetv2_ca", "mobilenext"):
+        # A budget this small blocks each device's share in chunks of one or two images.
+        model = ca_flax.create_model(name, width_mult=0.35, num_classes=10,
+                                     inference_block_mb=0.03)
+        variables = random_variables(model)
+        spread = make_inference_fn(model, variables)
+        one_device = jax.jit(lambda v, x: model.apply(v, x, train=False))
+        for batch in (8, 5, 1):  # odd batches are padded for the call, padding dropped
+            x = rng.standard_normal((batch, 32, 32, 3)).astype(np.float32)
+            out = spread(x)
+            assert out.shape == (batch, 10), out.shape
+            if batch == 8:
+                assert len(out.sharding.device_set) == 2, out.sharding
+            np.testing.assert_allclose(out, one_device(variables, x), rtol=1e-5, atol=1e-6)
+    print("spread ok")
+    """
+)
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    environ.update(env, JAX_PLATFORMS="cpu", PYTHONPATH=str(TESTS))
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=environ, cwd=TESTS.parent
+    )
+
+
+def test_two_cpu_devices_give_the_single_device_logits():
+    result = run_python(SPREAD_OVER_TWO_CPU_DEVICES)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "spread ok" in result.stdout
+
+
+def test_a_device_count_set_by_the_user_is_kept():
+    code = "import jax\nfrom ca_flax.inference import use_cpu_cores\n"
+    code += "print(use_cpu_cores(2), jax.device_count())"
+    for env in ({"XLA_FLAGS": "--xla_force_host_platform_device_count=3"},
+                {"JAX_NUM_CPU_DEVICES": "3"}):  # fmt: skip
+        result = run_python(code, **env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.split() == ["False", "3"]

@@ -3,8 +3,9 @@
 XLA:CPU runs one device's program across cores poorly for these networks (many small
 fusions): cache-blocked mobilenetv2_ca at batch 16 took 80 ms on one core and 59 ms on two.
 With one CPU device per core (`use_cpu_cores`, before JAX's first computation) and the batch
-split over them, each core runs its own images through the same program: 1.2-1.3x on 2 cores,
-the same logits. On accelerators it is plain data-parallel inference.
+split over them, each core runs its own images through the same program (on CPU with 512-bit
+loops): 1.2-2x the one-device program on 2 cores, whose speed swings between runs. On
+accelerators it is plain data-parallel inference.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 Array = Any
+
+# XLA:CPU vectorises loops 256 bits wide by default; on the AVX-512 cores measured (Zen 5)
+# 512-bit loops ran spread mobilenetv2_ca inference 7% faster, with the same logits.
+CPU_COMPILER_OPTIONS = {"xla_cpu_prefer_vector_width": 512}
 
 
 def available_cores() -> int:
@@ -77,7 +82,13 @@ def spread_over_devices(
     mesh = Mesh(np.array(devices or jax.local_devices()), ("data",))
     replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     per_device = jax.shard_map(fn, mesh=mesh, in_specs=(P(), P("data")), out_specs=P("data"))
-    jitted = jax.jit(per_device, in_shardings=(replicated, split), out_shardings=split)
+    on_cpu = all(d.platform == "cpu" for d in mesh.devices.flat)
+    jitted = jax.jit(
+        per_device,
+        in_shardings=(replicated, split),
+        out_shardings=split,
+        compiler_options=CPU_COMPILER_OPTIONS if on_cpu else None,
+    )
     return SpreadFunction(jitted, jax.device_put(variables, replicated), split)
 
 

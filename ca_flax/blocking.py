@@ -33,12 +33,12 @@ class Chain(nn.Module):
         return x
 
 
-def block_budget_mb(configured: float | None = None) -> float:
+def block_budget_mb(configured: float | None = None, cpu_mb: float = CPU_BLOCK_MB) -> float:
     """The chunk working-set budget in effect: `configured`, or when None the default backend's
-    (blocking pays off on CPU only). 0 means unblocked."""
+    (`cpu_mb` on CPU, where blocking pays off; else 0). 0 means unblocked."""
     if configured is not None:
         return configured
-    return CPU_BLOCK_MB if jax.default_backend() == "cpu" else 0.0
+    return cpu_mb if jax.default_backend() == "cpu" else 0.0
 
 
 def chunk_size(batch: int, bytes_per_image: int, budget_mb: float) -> int:

@@ -7,10 +7,12 @@ inference (`ca_flax.blocking`), then the `classifier_1` head.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ca_flax.blocking import block_budget_mb, run_layers
+from ca_flax.blocking import CPU_BLOCK_MB, block_budget_mb, run_layers
 from ca_flax.layers import Array, Dtype, accum_dtype, dense_init
 
 
@@ -27,6 +29,7 @@ class ClassifierNet(nn.Module):
     dropout_rate: float = 0.1
     dtype: Dtype = jnp.float32
     inference_block_mb: float | None = None
+    cpu_block_mb: ClassVar[float] = CPU_BLOCK_MB  # the family's CPU default budget
 
     def feature_layers(self) -> list[nn.Module]:
         """The layers before pooling, each with `stride` and `widest_activation(h, w)`."""
@@ -36,7 +39,7 @@ class ClassifierNet(nn.Module):
         """Cache-blocking budget for this call; 0 when blocking must be off."""
         if self.is_initializing() or self.is_mutable_collection("intermediates"):
             return 0.0  # sown attention maps must keep their (N, ...) shape
-        return block_budget_mb(self.inference_block_mb)
+        return block_budget_mb(self.inference_block_mb, self.cpu_block_mb)
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:

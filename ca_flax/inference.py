@@ -4,7 +4,7 @@ XLA:CPU runs one device's program across cores poorly for these networks (many s
 fusions): cache-blocked mobilenetv2_ca at batch 16 took 80 ms on one core and 59 ms on two.
 With one CPU device per core (`use_cpu_cores`, before JAX's first computation) and the batch
 split over them, each core runs its own images through the same program (on CPU with 512-bit
-loops): 1.2-2x the one-device program on 2 cores, whose speed swings between runs. On
+loops): 1.1-2.4x the one-device program on 2 cores, whose speed swings between runs. On
 accelerators it is plain data-parallel inference.
 """
 

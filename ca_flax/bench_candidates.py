@@ -1,9 +1,15 @@
 """What `ca_flax.bench` times: ca_flax's jitted inference or train step, and the PyTorch
 reference of the same layout (tests/torch_reference.py) in each configuration (eager,
-channels_last, torch.compile, AMP on GPU), each wrapped as a `Candidate`."""
+channels_last, torch.compile, AMP on GPU), each wrapped as a `Candidate`.
+
+Compiled PyTorch inference runs with inductor freezing (weights and BatchNorm folded into
+the graph as constants), PyTorch's recommended inference setting: on the 2-core CPU it took
+torch.compile from 284 to 331 img/s (mobilenext) and 258 to 305 (mobilenetv2_ca), batch 16.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 import time
@@ -153,8 +159,18 @@ def torch_candidate(
         x = x.contiguous(memory_format=torch.channels_last)
     model.train(mode == "train")
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    run_model = torch.compile(model) if config in ("compile", "amp") else model
+    compiled = config in ("compile", "amp")
+    run_model = torch.compile(model) if compiled else model
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=config == "amp")
+
+    def freezing() -> Any:
+        """Inductor freezing for compiled inference, set while compiling and calling alike
+        (it is read at compile time; dynamo does not recompile when it changes)."""
+        if compiled and mode == "infer":
+            import torch._inductor.config
+
+            return torch._inductor.config.patch(freezing=True)
+        return contextlib.nullcontext()
 
     def sync() -> None:
         if cuda:
@@ -162,7 +178,7 @@ def torch_candidate(
 
     def step() -> None:
         if mode == "infer":
-            with torch.inference_mode(), autocast:
+            with freezing(), torch.inference_mode(), autocast:
                 run_model(x)
         else:
             opt.zero_grad(set_to_none=True)

@@ -88,3 +88,18 @@ def test_bad_arguments_fail_before_any_compile(argv, message, capsys):
         bench.parse_args(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_compiled_torch_inference_is_frozen():
+    """The torch.compile inference candidate runs with inductor freezing, PyTorch's inference
+    setting (BatchNorm folded into the convolutions as constants), so it is not undersold."""
+    from torch._dynamo.utils import counters
+
+    from ca_flax.bench_candidates import load_torch_reference, torch_candidate
+
+    counters.clear()
+    candidate = torch_candidate(
+        load_torch_reference(), "mobilenext", "infer", 2, 32, "compile", width=0.35
+    )
+    assert candidate is not None, "torch.compile unavailable here"
+    assert counters["inductor"]["binary_folding"] > 0

@@ -144,6 +144,7 @@ def torch_candidate(
 ) -> Candidate | None:
     """PyTorch reference in one configuration (eager, channels_last, compile, amp)."""
     import torch
+    import torch._inductor.config as inductor_config
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -163,14 +164,12 @@ def torch_candidate(
     run_model = torch.compile(model) if compiled else model
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=config == "amp")
 
+    frozen = compiled and mode == "infer"
+
     def freezing() -> Any:
         """Inductor freezing for compiled inference, set while compiling and calling alike
         (it is read at compile time; dynamo does not recompile when it changes)."""
-        if compiled and mode == "infer":
-            import torch._inductor.config
-
-            return torch._inductor.config.patch(freezing=True)
-        return contextlib.nullcontext()
+        return inductor_config.patch(freezing=True) if frozen else contextlib.nullcontext()
 
     def sync() -> None:
         if cuda:

@@ -4,7 +4,7 @@
 times inference and a full training step (forward, backward, SGD update, BatchNorm update) for
 ca_flax (jit) and PyTorch (eager, channels_last, torch.compile, AMP on GPU) in A B A B order,
 reports median images/s and ratios, compile time and memory, achieved GFLOP/s (the model's FLOPs
-from XLA's cost analysis) and, for unblocked ca_flax programs, achieved memory bandwidth (XLA's
+from XLA's cost analysis) against what a large matmul reaches on the device and, for unblocked ca_flax programs, achieved memory bandwidth (XLA's
 bytes-accessed estimate per step) against the device's peak, and the tf.data JPEG pipeline's
 images/s per CPU core. Prints a table and writes JSON. Run from a checkout: the PyTorch models
 come from tests/torch_reference.py.
@@ -37,6 +37,7 @@ from ca_flax.profiling import profile_cases
 from ca_flax.registry import list_models
 from ca_flax.roofline import (
     SPEC_BANDWIDTH_GB_S,
+    matmul_peak_gflop_s,
     stream_bandwidth_gb_s,
 )
 
@@ -92,12 +93,14 @@ def input_pipeline_rate(num_images: int = 256, batch: int = 64, size: int = 224)
 
 
 def summarise(
-    case: dict[str, Any], candidates: list[Candidate], peak_gb_s: float | None
+    case: dict[str, Any], candidates: list[Candidate], env: dict[str, Any]
 ) -> list[dict[str, Any]]:
-    """Rows with img/s, ratio to the best PyTorch, GFLOP/s and (ca_flax) bandwidth vs peak.
+    """Rows with img/s, ratio to the best PyTorch, GFLOP/s against the device's matmul peak and
+    (ca_flax) bandwidth against its peak bandwidth.
 
     Every candidate runs the same model, so GFLOP/s uses the unblocked ca_flax FLOP count.
     """
+    peak_gb_s, peak_gflop_s = env["peak_bandwidth_gb_s"], env["matmul_peak_gflop_s"]
     batch = case["batch"]
     torch_rates = [batch / statistics.median(c.times) for c in candidates if "torch" in c.impl]
     best_torch = max(torch_rates) if torch_rates else None
@@ -115,6 +118,7 @@ def summarise(
                 "compile_s": c.compile_s,
                 "memory_mb": c.memory_mb,
                 "gflops_per_s": flops / step_s / 1e9 if flops else None,
+                "flops_vs_peak": flops / step_s / 1e9 / peak_gflop_s if flops else None,
                 "bandwidth_gb_s": bandwidth,
                 "bandwidth_vs_peak": bandwidth / peak_gb_s if bandwidth and peak_gb_s else None,
             }
@@ -124,15 +128,16 @@ def summarise(
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
     header = f"{'model':<16}{'mode':<7}{'batch':>6}  {'impl':<30}{'img/s':>9}{'vs torch':>10}"
-    header += f"{'compile s':>11}{'mem MB':>9}{'GFLOP/s':>9}{'GB/s':>8}{'of peak':>9}"
+    header += f"{'compile s':>11}{'mem MB':>9}{'GFLOP/s':>9}{'mm peak':>9}{'GB/s':>8}"
+    header += f"{'bw peak':>9}"
     lines = [header]
     for r in rows:
         lines.append(
             f"{r['model']:<16}{r['mode']:<7}{r['batch']:>6}  {r['impl']:<30}"
             f"{r['images_per_s']:>9.1f}{_fmt(r['vs_best_torch'], '.2f', 'x'):>10}"
             f"{r['compile_s']:>11.1f}{_fmt(r['memory_mb'], '.0f'):>9}"
-            f"{_fmt(r['gflops_per_s'], '.0f'):>9}{_fmt(r['bandwidth_gb_s'], '.0f'):>8}"
-            f"{_fmt(r['bandwidth_vs_peak'] and 100 * r['bandwidth_vs_peak'], '.0f', '%'):>9}"
+            f"{_fmt(r['gflops_per_s'], '.0f'):>9}{_percent(r['flops_vs_peak']):>9}"
+            f"{_fmt(r['bandwidth_gb_s'], '.0f'):>8}{_percent(r['bandwidth_vs_peak']):>9}"
         )
     return "\n".join(lines)
 
@@ -141,8 +146,13 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
     return f"{value:{spec}}{suffix}" if value else "-"
 
 
-def environment() -> dict[str, Any]:
-    """Device, versions, date, and the device's peak bandwidth: data sheet, and as measured."""
+def _percent(fraction: float | None) -> str:
+    return f"{100 * fraction:.0f}%" if fraction else "-"
+
+
+def environment(dtype: Any) -> dict[str, Any]:
+    """Device, versions, date, the device's peak bandwidth (data sheet, and as measured) and
+    the GFLOP/s a large matmul in `dtype` reaches on it."""
     import torch
 
     device = str(jax.devices()[0].device_kind)
@@ -161,6 +171,7 @@ def environment() -> dict[str, Any]:
         "spec_bandwidth_gb_s": spec,
         # "of peak" compares with the data sheet where known, else with the streaming kernel.
         "peak_bandwidth_gb_s": spec or stream,
+        "matmul_peak_gflop_s": matmul_peak_gflop_s(dtype),
     }
 
 
@@ -241,9 +252,10 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(os.cpu_count() or 1)
     ref = load_torch_reference()
-    env = environment()
+    env = environment(jnp.dtype(args.dtype))
     print(f"{env['device']}: streaming bandwidth {env['stream_bandwidth_gb_s']:.0f} GB/s, "
           f"peak used {env['peak_bandwidth_gb_s']:.0f} GB/s, "
+          f"{args.dtype} matmul {env['matmul_peak_gflop_s']:.0f} GFLOP/s, "
           f"malloc huge pages {'on' if env['huge_pages'] else 'off'}")  # fmt: skip
     rows, cases = [], []  # cases kept for --profile only: they hold compiled steps and state
     for name in args.models:
@@ -260,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
                 time_interleaved(candidates, args.repeats, args.iters)
                 if args.profile:
                     cases.append((f"{name}_{mode}_{batch}", candidates))
-                rows.extend(summarise(case, candidates, env["peak_bandwidth_gb_s"]))
+                rows.extend(summarise(case, candidates, env))
                 print(format_rows(rows[-len(candidates) :]), flush=True)
                 write_json(args.json, {"environment": env, "results": rows})  # so far
     if args.profile:

@@ -1,7 +1,9 @@
 """What a device can do and what a compiled program costs, for the benchmark's roofline columns.
 
 XLA's cost analysis gives a program's FLOPs and bytes accessed; a streaming kernel measures the
-bandwidth the device actually sustains, beside the data-sheet figure where it is known.
+bandwidth the device actually sustains, beside the data-sheet figure where it is known, and a
+large matmul the compute it sustains: together they bound the images/s any implementation of a
+model can reach on the device.
 """
 
 from __future__ import annotations
@@ -40,6 +42,26 @@ def stream_bandwidth_gb_s(megabytes: int = 256, calls: int = 10, repeats: int = 
         x.block_until_ready()
         best = min(best, (time.perf_counter() - start) / calls)
     return 2 * x.nbytes / best / 1e9
+
+
+def matmul_peak_gflop_s(
+    dtype: Any = jnp.float32, size: int | None = None, repeats: int = 5
+) -> float:
+    """Best GFLOP/s of a jitted square matmul big enough to run at the device's compute peak.
+
+    `size` defaults to 2048 on CPU (the best of 1024-4096 on the 2-core Zen 5 host) and 8192
+    on accelerators; the matmul runs on the default device, as a one-device program does.
+    """
+    size = size or (2048 if jax.default_backend() == "cpu" else 8192)
+    a = jnp.ones((size, size), dtype)
+    matmul = jax.jit(lambda a, b: a @ b)
+    matmul(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
 
 
 def xla_cost(compiled: Any) -> tuple[float | None, float | None]:

@@ -36,16 +36,22 @@ def test_bench_reports_flax_and_torch_for_each_mode(tmp_path, capsys):
     assert env["peak_bandwidth_gb_s"] == (
         env["spec_bandwidth_gb_s"] or env["stream_bandwidth_gb_s"]
     )
-    # Roofline columns: every candidate gets the model's GFLOP/s; the unblocked ca_flax programs
-    # (train step, unblocked inference) get XLA's bytes-accessed bandwidth against the peak.
+    # Roofline columns: every candidate gets the model's GFLOP/s, also as a fraction of the
+    # device's matmul peak; the unblocked ca_flax programs (train step, unblocked inference) get
+    # XLA's bytes-accessed bandwidth against the peak bandwidth.
+    assert env["matmul_peak_gflop_s"] > 0
     assert all(r["gflops_per_s"] > 0 for r in rows)
+    assert all(
+        r["flops_vs_peak"] == pytest.approx(r["gflops_per_s"] / env["matmul_peak_gflop_s"])
+        for r in rows
+    )
     unblocked = [r for r in rows if r["impl"].startswith("ca_flax") and
                  (r["mode"] == "train" or r["impl"].endswith("unblocked"))]  # fmt: skip
     assert len(unblocked) == 3
     assert all(r["bandwidth_gb_s"] > 0 and r["bandwidth_vs_peak"] > 0 for r in unblocked)
     assert all(r["bandwidth_gb_s"] is None for r in rows if r not in unblocked)
     printed = capsys.readouterr().out
-    assert "GFLOP/s" in printed
+    assert "GFLOP/s" in printed and "mm peak" in printed and "float32 matmul" in printed
     # --profile: a trace per candidate (jax.profiler / torch.profiler), then its kernel summary
     # (a CPU host records no device kernels; tests/test_profiling.py reads real GPU traces).
     traces = {p.parent.relative_to(tmp_path / "profile").parts[:2] for p in

@@ -4,10 +4,10 @@
 times inference and a full training step (forward, backward, SGD update, BatchNorm update) for
 ca_flax (jit) and PyTorch (eager, channels_last, torch.compile, AMP on GPU) in A B A B order,
 reports median images/s and ratios, compile time and memory, achieved GFLOP/s (the model's FLOPs
-from XLA's cost analysis) against what a large matmul reaches on the device and, for unblocked ca_flax programs, achieved memory bandwidth (XLA's
-bytes-accessed estimate per step) against the device's peak, and the tf.data JPEG pipeline's
-images/s per CPU core. Prints a table and writes JSON. Run from a checkout: the PyTorch models
-come from tests/torch_reference.py.
+from XLA's cost analysis) against what a large matmul reaches on the device and, for unblocked
+ca_flax programs, achieved memory bandwidth (XLA's bytes-accessed estimate per step) against
+the device's peak, and the tf.data JPEG pipeline's images/s per CPU core. Prints a table and
+writes JSON. Run from a checkout: the PyTorch models come from tests/torch_reference.py.
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def environment(dtype: Any) -> dict[str, Any]:
         "huge_pages": hugepages.enabled(),
         "stream_bandwidth_gb_s": stream,
         "spec_bandwidth_gb_s": spec,
-        # "of peak" compares with the data sheet where known, else with the streaming kernel.
+        # "bw peak" compares with the data sheet where known, else with the streaming kernel.
         "peak_bandwidth_gb_s": spec or stream,
         "matmul_peak_gflop_s": matmul_peak_gflop_s(dtype),
     }

@@ -2,8 +2,8 @@
 
 XLA's cost analysis gives a program's FLOPs and bytes accessed; a streaming kernel measures the
 bandwidth the device actually sustains, beside the data-sheet figure where it is known, and a
-large matmul the compute it sustains: together they bound the images/s any implementation of a
-model can reach on the device.
+large matmul the compute it sustains: together they roughly bound the images/s any
+implementation of a model can reach on the device.
 """
 
 from __future__ import annotations

@@ -151,8 +151,8 @@ def _percent(fraction: float | None) -> str:
 
 
 def environment(dtype: Any) -> dict[str, Any]:
-    """Device, versions, date, the device's peak bandwidth (data sheet, and as measured) and
-    the GFLOP/s a large matmul in `dtype` reaches on it."""
+    """Device, versions, date, XLA_FLAGS, the device's peak bandwidth (data sheet, and as
+    measured) and the GFLOP/s a large matmul in `dtype` reaches on it."""
     import torch
 
     device = str(jax.devices()[0].device_kind)
@@ -167,6 +167,7 @@ def environment(dtype: Any) -> dict[str, Any]:
         "jax": jax.__version__,
         "torch": torch.__version__,
         "huge_pages": hugepages.enabled(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),  # they change XLA:CPU's kernels (README)
         "stream_bandwidth_gb_s": stream,
         "spec_bandwidth_gb_s": spec,
         # "bw peak" compares with the data sheet where known, else with the streaming kernel.

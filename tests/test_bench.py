@@ -60,6 +60,10 @@ def test_bench_reports_flax_and_torch_for_each_mode(tmp_path, capsys):
     assert printed.count("no device kernels recorded") == len(rows)
 
 
+# A flag the README suggests for one-device CPU inference; the bench records what it ran with.
+XLA_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_dot"
+
+
 def test_bench_spreads_cpu_inference_over_one_device_per_core(tmp_path):
     out = tmp_path / "bench.json"
     argv = ["--models", "mobilenext", "--modes", "infer", "--batch-sizes", "4", "--size", "32",
@@ -68,11 +72,13 @@ def test_bench_spreads_cpu_inference_over_one_device_per_core(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
     result = subprocess.run(
         [sys.executable, "-m", "ca_flax.bench", *argv],
-        capture_output=True, text=True, env={**env, "JAX_PLATFORMS": "cpu"},
+        capture_output=True, text=True,
+        env={**env, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": XLA_FLAG},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["environment"]["cpu_devices"] == 2
+    assert data["environment"]["xla_flags"] == XLA_FLAG  # recorded with the numbers it changes
     rates = {r["impl"]: r["images_per_s"] for r in data["results"]}
     assert set(rates) == {"ca_flax (float32)", "ca_flax (float32) unblocked",
                           "ca_flax (float32) on 2 devices", "torch eager"}  # fmt: skip

@@ -108,6 +108,7 @@ def summarise(
     rows = []
     for c in candidates:
         step_s = statistics.median(c.times)
+        gflops = flops / step_s / 1e9 if flops else None
         bandwidth = c.bytes_accessed / step_s / 1e9 if c.bytes_accessed else None
         rows.append(
             {
@@ -117,8 +118,8 @@ def summarise(
                 "vs_best_torch": batch / step_s / best_torch if best_torch else None,
                 "compile_s": c.compile_s,
                 "memory_mb": c.memory_mb,
-                "gflops_per_s": flops / step_s / 1e9 if flops else None,
-                "flops_vs_peak": flops / step_s / 1e9 / peak_gflop_s if flops else None,
+                "gflops_per_s": gflops,
+                "flops_vs_peak": gflops / peak_gflop_s if gflops else None,
                 "bandwidth_gb_s": bandwidth,
                 "bandwidth_vs_peak": bandwidth / peak_gb_s if bandwidth and peak_gb_s else None,
             }
@@ -147,7 +148,7 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
 
 
 def _percent(fraction: float | None) -> str:
-    return f"{100 * fraction:.0f}%" if fraction else "-"
+    return _fmt(fraction and 100 * fraction, ".0f", "%")
 
 
 def environment(dtype: Any) -> dict[str, Any]:

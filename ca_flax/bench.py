@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ca_flax import hugepages
+from ca_flax import cpu_kernels, hugepages
 from ca_flax.atomic import write_atomically
 from ca_flax.bench_candidates import Candidate, jax_candidate, load_torch_reference, torch_candidate
 from ca_flax.blocking import block_budget_mb
@@ -128,13 +128,13 @@ def summarise(
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
-    header = f"{'model':<16}{'mode':<7}{'batch':>6}  {'impl':<30}{'img/s':>9}{'vs torch':>10}"
+    header = f"{'model':<16}{'mode':<7}{'batch':>6}  {'impl':<42}{'img/s':>9}{'vs torch':>10}"
     header += f"{'compile s':>11}{'mem MB':>9}{'GFLOP/s':>9}{'mm peak':>9}{'GB/s':>8}"
     header += f"{'bw peak':>9}"
     lines = [header]
     for r in rows:
         lines.append(
-            f"{r['model']:<16}{r['mode']:<7}{r['batch']:>6}  {r['impl']:<30}"
+            f"{r['model']:<16}{r['mode']:<7}{r['batch']:>6}  {r['impl']:<42}"
             f"{r['images_per_s']:>9.1f}{_fmt(r['vs_best_torch'], '.2f', 'x'):>10}"
             f"{r['compile_s']:>11.1f}{_fmt(r['memory_mb'], '.0f'):>9}"
             f"{_fmt(r['gflops_per_s'], '.0f'):>9}{_percent(r['flops_vs_peak']):>9}"
@@ -168,6 +168,7 @@ def environment(dtype: Any) -> dict[str, Any]:
         "jax": jax.__version__,
         "torch": torch.__version__,
         "huge_pages": hugepages.enabled(),
+        "cpu_kernels": jax.default_backend() == "cpu" and cpu_kernels.available(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),  # they change XLA:CPU's kernels (README)
         "stream_bandwidth_gb_s": stream,
         "spec_bandwidth_gb_s": spec,
@@ -229,19 +230,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def jax_candidates(name: str, mode: str, batch: int, args: argparse.Namespace) -> list[Candidate]:
-    """ca_flax in each requested conv formulation, plus unblocked inference where it blocks and
-    inference spread over the CPU devices where there are several."""
+    """ca_flax in each requested conv formulation, plus unblocked inference (XLA's loops) where
+    it blocks, inference spread over the CPU devices where there are several, and that without
+    ca_flax's CPU kernels (XLA's loops) where they run."""
     dtype = jnp.dtype(args.dtype)
     shape = (name, mode, batch, args.size, dtype, args.width_mult)
     candidates = [
         jax_candidate(*shape, formulation=formulation)
         for formulation in args.formulations or [None]
     ]
-    if mode == "infer" and block_budget_mb() > 0:  # what cache blocking gains
-        candidates.append(jax_candidate(*shape, block_mb=0.0))
+    if mode == "infer" and block_budget_mb() > 0:  # XLA's own program: what blocking gains
+        # Without the CPU kernels too: XLA's cost analysis (the FLOP count) cannot see into them.
+        candidates.append(jax_candidate(*shape, block_mb=0.0, kernels=False))
     devices = jax.local_device_count()
-    if mode == "infer" and jax.default_backend() == "cpu" and devices > 1:
+    cpu_inference = mode == "infer" and jax.default_backend() == "cpu"
+    if cpu_inference and devices > 1:
         candidates.append(jax_candidate(*shape, devices=devices))
+    if cpu_inference and cpu_kernels.available():  # what the CPU kernels gain, on every core
+        candidates.append(jax_candidate(*shape, devices=devices, kernels=False))
     return candidates
 
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ca_flax import cpu_kernels
 from ca_flax.blocking import block_budget_mb
 from ca_flax.inference import make_inference_fn
 from ca_flax.layers import active_conv_formulation, conv_formulation
@@ -58,12 +59,14 @@ def jax_candidate(
     block_mb: float | None = None,
     formulation: str | None = None,
     devices: int = 1,
+    kernels: bool = True,
 ) -> Candidate:
     """Jitted inference or train step; compile time and XLA's memory estimate measured.
 
     `block_mb` is the model's `inference_block_mb` (None: the backend's default, 0: off);
     `formulation` the convolutions' form (None: the backend's default); `devices` > 1 spreads
-    inference over that many local devices (`ca_flax.inference`).
+    inference over that many local devices (`ca_flax.inference`); `kernels=False` keeps
+    XLA's loops where ca_flax's CPU kernels would run (`ca_flax.cpu_kernels`).
     """
     if devices > 1 and mode != "infer":
         raise ValueError(f"devices={devices}: only inference is spread over devices")
@@ -99,7 +102,10 @@ def jax_candidate(
         params = variables["params"]
         args = [(params, variables["batch_stats"], tx.init(params)), x, labels, jax.random.key(1)]
     start = time.perf_counter()
-    with conv_formulation(formulation or active_conv_formulation()):
+    with (
+        conv_formulation(formulation or active_conv_formulation()),
+        cpu_kernels.use_kernels(kernels),
+    ):
         compiled = fn.lower(*args).compile()
     compile_s = time.perf_counter() - start
     memory_mb = xla_memory_mb(compiled)
@@ -127,6 +133,8 @@ def jax_candidate(
         label += f" {formulation} convs"
     if devices > 1:
         label += f" on {devices} devices"
+    if not kernels:
+        label += " XLA loops"
     return Candidate(label, step, sync, compile_s, memory_mb, flops, bytes_accessed)
 
 

@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ca_flax import cpu_kernels
+
 Dtype = Any
 Array = jax.Array
 
@@ -112,6 +114,12 @@ def shifted_moments(xs: Array) -> tuple[Array, Array]:
     return shift + offset, jnp.maximum(square - jnp.square(offset), 0.0)
 
 
+def affine(scale: Array, bias: Array, mean: Array, inv_std: Array) -> tuple[Array, Array]:
+    """BatchNorm's (x - mean) * inv_std * scale + bias as per-channel `x * mul + add`."""
+    mul = scale * inv_std
+    return mul, bias - mean * mul
+
+
 def normalize(
     x: Array, scale: Array, bias: Array, mean: Array, inv_std: Array, dtype: Dtype
 ) -> Array:
@@ -120,8 +128,7 @@ def normalize(
     The multiply-add runs in float32 (at least) so that autodiff sums the scale and bias
     gradients in float32: in bf16 they came out 49% / 20% off at a (32, 56, 56, 144) layer.
     """
-    mul = scale * inv_std
-    add = bias - mean * mul
+    mul, add = affine(scale, bias, mean, inv_std)
     out_dtype = jnp.promote_types(x.dtype, dtype)
     return (x.astype(mul.dtype) * mul + add).astype(out_dtype)
 
@@ -168,6 +175,8 @@ class BatchNorm(nn.Module):
     Under `jax.jit` on a mesh the batch axis is global, so statistics span the global batch.
     Train mode follows the formulation: 'xla' uses `fused_batch_norm`; 'windows' leaves the
     gradient to autodiff, which XLA's CPU backend fuses into the depthwise loops (faster there).
+    In inference, `as_affine=True` returns the per-channel `(mul, add)` it would apply instead,
+    for a kernel that applies them itself (`Sequential.depthwise_bn`).
     """
 
     epsilon: float = 1e-5
@@ -175,7 +184,7 @@ class BatchNorm(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, train: bool) -> Array:
+    def __call__(self, x: Array, train: bool, as_affine: bool = False) -> Any:
         features = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
@@ -183,6 +192,8 @@ class BatchNorm(nn.Module):
         ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
         if not train:
             inv_std = jax.lax.rsqrt(ra_var.value + self.epsilon)
+            if as_affine:
+                return affine(scale, bias, ra_mean.value, inv_std)
             return normalize(x, scale, bias, ra_mean.value, inv_std, self.dtype)
         xs = x.astype(accum_dtype(x.dtype))
         if active_conv_formulation() == "xla":
@@ -257,16 +268,37 @@ def conv3x3_im2col(x: Array, kernel: Array, stride: int) -> Array:
     return jnp.dot(patches, kernel.reshape(-1, kernel.shape[-1]))
 
 
+def cpu_kernel_inference(x: Array, train: bool, dtype: Dtype) -> bool:
+    """Whether a layer on `x` runs as ca_flax's own CPU kernel: float32 inference on the CPU
+    backend with 'windows' convolutions, where the kernels are built and wanted
+    (`cpu_kernels.enabled`).
+
+    Not for symbolic shapes: `jax.export` (shape-polymorphic) refuses custom calls, so an
+    exported program keeps XLA's loops.
+    """
+    if train or jnp.dtype(dtype) != jnp.float32 or active_conv_formulation() != "windows":
+        return False
+    if not all(isinstance(d, int) for d in x.shape):
+        return False
+    return jax.default_backend() == "cpu" and cpu_kernels.enabled()
+
+
 class DepthwiseConv3x3(nn.Module):
     """Depthwise 3x3 conv (groups = channels, padding 1, no bias), PyTorch-compatible; nine
-    shifted multiplies or cuDNN's grouped conv, by `active_conv_formulation`."""
+    shifted multiplies or cuDNN's grouped conv, by `active_conv_formulation`.
+
+    Given `fused` (the keywords of `cpu_kernels.depthwise3x3_affine`: the BatchNorms, ReLU6s
+    and residual around it) it runs as that one CPU kernel instead; see `Sequential.depthwise_bn`.
+    """
 
     stride: int = 1
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, fused: dict[str, Any] | None = None) -> Array:
         kernel = self.param("kernel", conv_init, (3, 3, 1, x.shape[-1]), jnp.float32)
+        if fused is not None:
+            return cpu_kernels.depthwise3x3_affine(x, kernel, stride=self.stride, **fused)
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         if active_conv_formulation() == "xla":
             return xla_conv(x, kernel, self.stride, depthwise=True)
@@ -324,15 +356,24 @@ class Conv3x3(nn.Module):
         return conv3x3_im2col(x, kernel, self.stride)
 
 
+def may_fuse(module: nn.Module) -> bool:
+    """False while `module` collects intermediates (`capture_intermediates`, sown maps): each
+    layer's output must then come from its own module call, so nothing is fused."""
+    return not module.is_mutable_collection("intermediates")
+
+
 class Sequential:
     """Names layers like a torch `nn.Sequential`: `prefix_0`, `prefix_1`, ... in call order.
 
     Activations take an index without holding parameters, exactly as in the released code,
     so the parameter paths line up with the checkpoint keys. Use inside a compact method.
+    `fuse=False` keeps every layer a module call of its own, as `capture_intermediates` needs
+    (see `depthwise_bn`).
     """
 
-    def __init__(self, prefix: str, train: bool, dtype: Dtype):
+    def __init__(self, prefix: str, train: bool, dtype: Dtype, fuse: bool = True):
         self.prefix, self.train, self.dtype, self.index = prefix, train, dtype, 0
+        self.fuse = fuse
 
     def _name(self) -> str:
         name = f"{self.prefix}_{self.index}" if self.prefix else str(self.index)
@@ -344,6 +385,41 @@ class Sequential:
 
     def depthwise(self, x: Array, stride: int = 1) -> Array:
         return DepthwiseConv3x3(stride, self.dtype, name=self._name())(x)
+
+    def depthwise_bn(
+        self,
+        x: Array,
+        stride: int = 1,
+        relu6: bool = True,
+        input_bn_relu6: bool = False,
+        residual: Array | None = None,
+    ) -> Array:
+        """[BatchNorm -> ReLU6 ->] depthwise 3x3 -> BatchNorm [-> ReLU6] [+ residual].
+
+        `input_bn_relu6` takes `x` straight from a 1x1 conv and applies its BatchNorm and ReLU6
+        first. In float32 CPU inference one kernel does it all in a single pass
+        (`cpu_kernel_inference`); the parameters and their names are the same either way.
+        """
+        if not (self.fuse and cpu_kernel_inference(x, self.train, self.dtype)):
+            if input_bn_relu6:
+                x = self.act(self.bn(x))
+            y = self.bn(self.depthwise(x, stride))
+            y = self.act(y) if relu6 else y
+            return y if residual is None else residual + y
+        input_affine = None
+        if input_bn_relu6:
+            input_affine = self.bn_affine(x)
+            self.index += 1  # its ReLU6
+        conv = DepthwiseConv3x3(stride, self.dtype, name=self._name())
+        mul, add = self.bn_affine(x)
+        if relu6:
+            self.index += 1
+        fused = {"mul": mul, "add": add, "relu6": relu6, "input_affine": input_affine}
+        return conv(x, fused | {"residual": residual})
+
+    def bn_affine(self, x: Array) -> tuple[Array, Array]:
+        """The next BatchNorm's inference `(mul, add)` for `x`'s channels, left to a kernel."""
+        return BatchNorm(dtype=self.dtype, name=self._name())(x, False, as_affine=True)
 
     def conv3x3(self, x: Array, features: int, stride: int) -> Array:
         return Conv3x3(features, stride, self.dtype, name=self._name())(x)

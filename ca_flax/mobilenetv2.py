@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ca_flax.attention import attention_factory
-from ca_flax.layers import Array, Dtype, Sequential, make_divisible, strided
+from ca_flax.layers import Array, Dtype, Sequential, make_divisible, may_fuse, strided
 from ca_flax.network import ClassifierNet
 
 # (expansion t, output channels c, repeats n, first stride s), from the paper.
@@ -63,14 +63,13 @@ class InvertedResidual(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
-        seq = Sequential("conv", train, self.dtype)
+        seq = Sequential("conv", train, self.dtype, fuse=may_fuse(self))
         y = x
         if self.expansion == 1:
-            y = seq.act(seq.bn(seq.depthwise(y, self.stride)))
+            y = seq.depthwise_bn(y, self.stride)
         else:
             hidden = round(self.in_channels * self.expansion)
-            y = seq.act(seq.bn(seq.pointwise(y, hidden)))
-            y = seq.act(seq.bn(seq.depthwise(y, self.stride)))
+            y = seq.depthwise_bn(seq.pointwise(y, hidden), self.stride, input_bn_relu6=True)
             attention = attention_factory(self.attention, self.in_channels, self.dtype)
             if attention is not None:
                 y = seq.module(attention, y)

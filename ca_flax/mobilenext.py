@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ca_flax.attention import attention_factory
-from ca_flax.layers import Array, Dtype, Sequential, make_divisible
+from ca_flax.layers import Array, Dtype, Sequential, make_divisible, may_fuse
 from ca_flax.mobilenetv2 import ConvBNReLU
 from ca_flax.network import ClassifierNet
 
@@ -56,22 +56,23 @@ class SandGlass(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
-        seq = Sequential("conv", train, self.dtype)
+        seq = Sequential("conv", train, self.dtype, fuse=may_fuse(self))
         hidden = sandglass_hidden(self.in_channels, self.out_channels, self.reduction)
         full = self.reduction == 2 or self.in_channels == self.out_channels or self.keep_3x3
         y = x
         if full:
-            y = seq.act(seq.bn(seq.depthwise(y)))
+            y = seq.depthwise_bn(y)
             attention = attention_factory(self.attention, hidden, self.dtype)
             if attention is not None:
                 y = seq.module(attention, y)
         y = seq.bn(seq.pointwise(y, hidden))
-        y = seq.act(seq.bn(seq.pointwise(y, self.out_channels)))
+        y = seq.pointwise(y, self.out_channels)
+        identity = self.in_channels == self.out_channels and self.stride == 1 and not self.keep_3x3
+        residual = x if identity else None
         if full or self.stride == 2:
-            y = seq.bn(seq.depthwise(y, self.stride))
-        if self.in_channels == self.out_channels and self.stride == 1 and not self.keep_3x3:
-            y = x + y
-        return y
+            return seq.depthwise_bn(y, self.stride, False, input_bn_relu6=True, residual=residual)
+        y = seq.act(seq.bn(y))
+        return y if residual is None else x + y
 
 
 class MobileNeXt(ClassifierNet):

@@ -21,6 +21,7 @@ SCRIPT = r"""
 import sys
 import jax, numpy as np
 from configs import quickstart
+from ca_flax import cpu_kernels
 from ca_flax.layers import conv_formulation
 from ca_flax.training import optim, steps, trainer
 from ca_flax.training.data import Layout
@@ -51,9 +52,24 @@ def run(devices):
     assert state.params["features_0"]["0"]["kernel"].sharding.is_fully_replicated
     return jax.device_get(state), jax.device_get(metrics)
 
+# The 8-device eval step keeps XLA's loops (a CPU kernel call would gather the batch on every
+# device); the model alone on one device does call the kernel.
+def eval_program(variables, batch):
+    _, evaluate = steps.jit_steps(lambda s, b: (s, {}), steps.make_eval_step(model), mesh8)
+    mask = np.ones(len(batch["label"]), np.float32)
+    program = evaluate.lower(variables, {**batch, "mask": mask}).as_text()
+    alone = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, batch["image"])
+    return program.count(cpu_kernels.TARGET), alone.as_text().count(cpu_kernels.TARGET)
+
+mesh8 = steps.create_mesh(jax.devices())
 with conv_formulation(sys.argv[1]):  # traced on the first call, inside run
     sharded, m8 = run(jax.devices())
     single, m1 = run(jax.devices()[:1])
+    first = next(data.train_batches(0))
+    images = {"image": first["image"], "label": first["label"]}
+    in_eval, alone = eval_program(single.variables(), images)
+assert in_eval == 0, in_eval
+assert alone > 0 if sys.argv[1] == "windows" and cpu_kernels.available() else alone == 0, alone
 np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
 np.testing.assert_allclose(m8["accuracy"], m1["accuracy"])
 for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(sharded), jax.tree.leaves(single)):

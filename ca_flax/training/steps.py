@@ -19,6 +19,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ca_flax import cpu_kernels
+
 Metrics = dict[str, jax.Array]
 
 
@@ -142,10 +144,15 @@ def make_train_step(
 
 
 def make_eval_step(model: nn.Module) -> Callable[[dict[str, Any], dict[str, jax.Array]], Metrics]:
-    """Sums of loss, top-1 and top-5 hits and example count over the unmasked rows."""
+    """Sums of loss, top-1 and top-5 hits and example count over the unmasked rows.
+
+    On a multi-device mesh the model keeps XLA's loops: XLA's SPMD partitioner cannot split a
+    CPU kernel call (`ca_flax.cpu_kernels`) over the batch and would gather it on every device.
+    """
 
     def eval_fn(variables: dict[str, Any], batch: dict[str, jax.Array]) -> Metrics:
-        logits = model.apply(variables, batch["image"], train=False)
+        with cpu_kernels.use_kernels(jax.device_count() == 1):
+            logits = model.apply(variables, batch["image"], train=False)
         labels, mask = batch["label"], batch["mask"]
         onehot = jax.nn.one_hot(labels, logits.shape[-1])
         top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]

@@ -1,0 +1,134 @@
+"""ca_flax's own CPU kernels: built with the system compiler, registered with XLA, and the same
+numbers as XLA's loops, alone and inside whole models."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tiny_models import random_variables
+
+import ca_flax
+from ca_flax import cpu_kernels
+from ca_flax.layers import conv_formulation, depthwise_conv3x3, relu6
+
+
+def test_kernels_build_and_register_here():
+    """The machines this suite runs on have a C++ compiler: the kernel must build (a silent
+    fallback to XLA's loops would leave CPU inference slower and its kernel untested)."""
+    assert jax.default_backend() == "cpu"
+    assert cpu_kernels.available()
+
+
+def reference(x, kernel, mul, add, stride, relu6_out, input_affine, residual):  # noqa: ANN001, ANN201
+    """The same layer from XLA's loops, in float64."""
+    with jax.enable_x64():
+        f64 = partial(jnp.asarray, dtype=jnp.float64)
+        x = f64(x)
+        if input_affine is not None:
+            x = relu6(x * f64(input_affine[0]) + f64(input_affine[1]))
+        y = depthwise_conv3x3(x, f64(kernel), stride) * f64(mul) + f64(add)
+        y = relu6(y) if relu6_out else y
+        return np.asarray(y if residual is None else y + f64(residual))
+
+
+VARIANTS = {  # (ReLU6 after, BatchNorm + ReLU6 before, residual)
+    "bn_relu6": (True, False, False),
+    "in_bn_relu6+bn_relu6": (True, True, False),
+    "in_bn_relu6+bn+residual": (False, True, True),
+}
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 9, 13, 48), (1, 8, 8, 27), (3, 1, 5, 8), (1, 2, 1, 3), (2, 15, 6, 40)],
+    ids=["vectors16", "16+8+3lanes", "one_row", "tiny", "16+16+8"],
+)
+def test_depthwise_kernel_matches_xla_loops(shape, stride):
+    """Every code path (16- and 8-lane vectors, single lanes, blocked and leftover columns,
+    odd sizes, a one-pixel-wide image, several images) and every fused variant against
+    float64 nine-tap sums."""
+    rng = np.random.default_rng(sum(shape) + stride)
+    c = shape[-1]
+    x = rng.normal(0, 2, shape).astype(np.float32)
+    kernel = rng.normal(0, 1, (3, 3, 1, c)).astype(np.float32)
+    mul, add, in_mul, in_add = (rng.normal(0, 3, c).astype(np.float32) for _ in range(4))
+    out_shape = (shape[0], (shape[1] - 1) // stride + 1, (shape[2] - 1) // stride + 1, c)
+    res = rng.normal(0, 1, out_shape).astype(np.float32)
+    for variant, (relu6_out, pre, with_residual) in VARIANTS.items():
+        kwargs = {
+            "input_affine": (in_mul, in_add) if pre else None,
+            "residual": res if with_residual else None,
+        }
+        run = partial(cpu_kernels.depthwise3x3_affine, stride=stride, relu6=relu6_out, **kwargs)
+        got = jax.jit(run)(x, kernel, mul, add)
+        want = reference(x, kernel, mul, add, stride, relu6_out, **kwargs)
+        assert got.shape == want.shape == out_shape and got.dtype == jnp.float32, variant
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=variant)
+        if relu6_out and want.size >= 100:  # both bounds of the ReLU6 were exercised
+            assert 0 < np.mean(want == 0) < 1 and np.any(want == 6), variant
+
+
+def count_kernel_calls(fn, *args) -> int:  # noqa: ANN001
+    """Kernel calls in `fn`'s program, traced afresh (jit caches traces per function)."""
+    return jax.jit(lambda *a: fn(*a)).lower(*args).as_text().count(cpu_kernels.TARGET)
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2_ca", "mobilenext"])
+def test_models_use_the_kernel_in_cpu_inference_with_the_same_logits(name):
+    """Every depthwise + BatchNorm (+ ReLU6) of a float32 CPU inference is one kernel call, and
+    the logits equal XLA's loops'; training, 'xla' convolutions and bf16 keep XLA's loops."""
+    model = ca_flax.create_model(name, num_classes=7, width_mult=0.35)
+    x = jax.random.normal(jax.random.key(0), (4, 32, 40, 3))
+    variables = random_variables(model)
+    infer = partial(model.apply, train=False)
+    kernels = jax.tree_util.tree_leaves(variables["params"])
+    depthwise = sum(k.ndim == 4 and k.shape[:3] == (3, 3, 1) for k in kernels)
+    assert count_kernel_calls(infer, variables, x) == depthwise > 0
+    with cpu_kernels.use_kernels(False):
+        assert count_kernel_calls(infer, variables, x) == 0
+        plain = jax.jit(lambda v, x: infer(v, x))(variables, x)
+    fused = jax.jit(infer)(variables, x)
+    np.testing.assert_allclose(fused, plain, rtol=1e-4, atol=1e-4)
+    assert float(jnp.std(plain)) > 0.1  # O(1) logits: a wrong layer would show
+
+    train = partial(
+        model.apply, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(1)}
+    )
+    assert count_kernel_calls(train, variables, x) == 0
+    with conv_formulation("xla"):
+        assert count_kernel_calls(infer, variables, x) == 0
+    bf16 = ca_flax.create_model(name, num_classes=7, width_mult=0.35, dtype=jnp.bfloat16)
+    assert count_kernel_calls(partial(bf16.apply, train=False), variables, x) == 0
+
+
+def test_build_is_cached_per_machine_and_failures_leave_nothing(tmp_path, monkeypatch):
+    """A build goes to the cache folder once (the second call reuses the file); a compiler that
+    fails raises with what it printed and leaves no file behind; a missing one is named."""
+    monkeypatch.setenv("CA_FLAX_KERNEL_CACHE", str(tmp_path / "cache"))
+    built = cpu_kernels.build()
+    assert built.parent == tmp_path / "cache" and built.stat().st_size > 0
+    mtime = built.stat().st_mtime_ns
+    assert cpu_kernels.build() == built and built.stat().st_mtime_ns == mtime
+
+    monkeypatch.setenv("CA_FLAX_KERNEL_CACHE", str(tmp_path / "failed"))
+    with pytest.raises(RuntimeError, match="depthwise3x3.cc failed"):
+        cpu_kernels.build(compiler="false")
+    assert list((tmp_path / "failed").iterdir()) == []
+    with pytest.raises(RuntimeError, match="compiler 'no-such-cc' on PATH"):
+        cpu_kernels.build(compiler="no-such-cc")
+
+
+def test_opting_out_keeps_xla_loops():
+    """CA_FLAX_CPU_KERNELS=0 turns the kernels off for the whole process."""
+    code = "from ca_flax import cpu_kernels; print(cpu_kernels.available())"
+    env = {**os.environ, "CA_FLAX_CPU_KERNELS": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "False"

@@ -239,8 +239,8 @@ def jax_candidates(name: str, mode: str, batch: int, args: argparse.Namespace) -
         jax_candidate(*shape, formulation=formulation)
         for formulation in args.formulations or [None]
     ]
-    if mode == "infer" and block_budget_mb() > 0:  # XLA's own program: what blocking gains
-        # Without the CPU kernels too: XLA's cost analysis (the FLOP count) cannot see into them.
+    if mode == "infer" and block_budget_mb() > 0:  # XLA's own program: no blocking, no kernel
+        # (XLA's cost analysis, the FLOP count for every row, cannot see into a kernel call).
         candidates.append(jax_candidate(*shape, block_mb=0.0, kernels=False))
     devices = jax.local_device_count()
     cpu_inference = mode == "infer" and jax.default_backend() == "cpu"

@@ -4,8 +4,8 @@ XLA:CPU runs a depthwise 3x3 + BatchNorm + ReLU6 as an elementwise loop over a p
 its input, 1.4-3.5x slower than one pass that keeps the nine taps in registers (`csrc/`).
 The kernel is built once per machine with the system's C++ compiler into a cache folder
 (`CA_FLAX_KERNEL_CACHE`, else `$XDG_CACHE_HOME/ca_flax` or `~/.cache/ca_flax`), named by a
-hash of the source, the compiler, jaxlib and the CPU's model and flags, so a shared home folder
-never hands a binary to a CPU it was not built for. Without a compiler, or with
+hash of the source, the compile command, jaxlib and the instruction set the compiler targets
+on this CPU, so a shared home folder never hands a binary to a CPU it was not built for. Without a compiler, or with
 `CA_FLAX_CPU_KERNELS=0`, models fall back to XLA's loops (same results to float rounding).
 """
 
@@ -47,21 +47,25 @@ def cache_dir() -> Path:
     return Path(base) / "ca_flax"
 
 
-def _cpu_identity() -> str:
-    """The CPU's model name and flags (Linux), so the cache key changes with the instruction set."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return os.uname().machine
-    wanted = [ln for ln in lines if ln.startswith(("model name", "flags"))]
-    return "\n".join(dict.fromkeys(wanted))
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+BUILD_TIMEOUT_S = 300
+
+
+def target_macros(compiler: str) -> str:
+    """What the compiler predefines for this CPU under `-march=native` (its instruction-set
+    extensions among them): the part of the cache key that tells CPUs apart on any OS."""
+    command = [compiler, *FLAGS[:3], "-E", "-dM", "-x", "c++", os.devnull]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+    if done.returncode != 0:
+        raise RuntimeError(f"{compiler} cannot target this CPU:\n{done.stderr[-2000:]}")
+    return done.stdout
 
 
 def compile_command(compiler: str, output: Path) -> list[str]:
     """The compiler invocation that builds the shared library at `output` from `SOURCE`."""
     return [
         compiler,
-        *("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w"),
+        *FLAGS,
         f"-I{jax.ffi.include_dir()}",
         str(SOURCE),
         "-o",
@@ -72,6 +76,10 @@ def compile_command(compiler: str, output: Path) -> list[str]:
 def build(compiler: str = "c++") -> Path:
     """Build the kernel library if this machine has no copy yet; returns its path.
 
+    The file name hashes the source, the compile command, jaxlib's version and what the
+    compiler predefines for this CPU (`target_macros`), so a cache folder shared between
+    machines never hands a binary to a CPU it was not built for.
+
     Compiles into a temporary file beside the target and renames it, so concurrent processes
     (tests, one per host) never load a half-written library. Raises RuntimeError, with the
     compiler's messages, if the build fails.
@@ -79,10 +87,9 @@ def build(compiler: str = "c++") -> Path:
     path = shutil.which(compiler)
     if path is None:
         raise RuntimeError(f"no C++ compiler {compiler!r} on PATH to build {SOURCE.name}")
-    key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), path.encode(), jaxlib.__version__.encode()):
-        key.update(part)
-    key.update(_cpu_identity().encode())
+    key = hashlib.sha256(SOURCE.read_bytes())
+    for part in (*compile_command(path, Path("out.so")), jaxlib.__version__, target_macros(path)):
+        key.update(part.encode())
     out = cache_dir() / f"ca_flax_kernels-{key.hexdigest()[:16]}.so"
     if out.exists():
         return out
@@ -90,7 +97,8 @@ def build(compiler: str = "c++") -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     os.close(fd)
     try:
-        done = subprocess.run(compile_command(path, Path(tmp)), capture_output=True, text=True)
+        command = compile_command(path, Path(tmp))
+        done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
         if done.returncode != 0:
             raise RuntimeError(f"building {SOURCE} failed:\n{done.stderr[-2000:]}")
         os.replace(tmp, out)
@@ -108,7 +116,7 @@ def available() -> bool:
         return False
     try:
         library = ctypes.cdll.LoadLibrary(str(build()))
-    except (OSError, RuntimeError) as err:
+    except (OSError, RuntimeError, subprocess.TimeoutExpired) as err:
         warnings.warn(f"ca_flax CPU kernels unavailable, using XLA's loops: {err}", stacklevel=2)
         return False
     capsule = jax.ffi.pycapsule(getattr(library, SYMBOL))
@@ -148,9 +156,11 @@ def depthwise3x3_affine(
     `pre(x)` is `relu6(x * in_mul + in_add)` for `input_affine = (in_mul, in_add)` (the
     BatchNorm and ReLU6 of the 1x1 conv that feeds the layer), else `x`; `act` is ReLU6 if
     `relu6`; `residual`, shaped like the output, is added if given. float32 NHWC `x`, a
-    (3, 3, 1, C) `kernel`, per-channel vectors; padding 1, stride 1 or 2. Needs `available()`;
-    inference only (it has no gradient).
+    (3, 3, 1, C) `kernel`, per-channel vectors; padding 1, stride 1 or 2. Inference only (it
+    has no gradient). Raises RuntimeError where the kernel is not `available()`.
     """
+    if not available():
+        raise RuntimeError(f"{TARGET} is not available here: see the warning, or {OPT_OUT}")
     n, h, w, c = x.shape
     out = jax.ShapeDtypeStruct((n, (h - 1) // stride + 1, (w - 1) // stride + 1, c), jnp.float32)
     call = jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")

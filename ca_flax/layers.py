@@ -273,8 +273,9 @@ def cpu_kernel_inference(x: Array, train: bool, dtype: Dtype) -> bool:
     backend with 'windows' convolutions, where the kernels are built and wanted
     (`cpu_kernels.enabled`).
 
-    Not for symbolic shapes: `jax.export` (shape-polymorphic) refuses custom calls, so an
-    exported program keeps XLA's loops.
+    Not for symbolic shapes: `jax.export` refuses custom calls, so a shape-polymorphic export
+    keeps XLA's loops (export with concrete shapes under `cpu_kernels.use_kernels(False)`, or
+    under the 'xla' formulation as `ca_flax.export` does).
     """
     if train or jnp.dtype(dtype) != jnp.float32 or active_conv_formulation() != "windows":
         return False

@@ -71,7 +71,7 @@ def test_depthwise_kernel_matches_xla_loops(shape, stride):
         got = jax.jit(run)(x, kernel, mul, add)
         want = reference(x, kernel, mul, add, stride, relu6_out, **kwargs)
         assert got.shape == want.shape == out_shape and got.dtype == jnp.float32, variant
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=variant)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4, err_msg=variant)
         if relu6_out and want.size >= 100:  # both bounds of the ReLU6 were exercised
             assert 0 < np.mean(want == 0) < 1 and np.any(want == 6), variant
 
@@ -118,17 +118,39 @@ def test_build_is_cached_per_machine_and_failures_leave_nothing(tmp_path, monkey
     mtime = built.stat().st_mtime_ns
     assert cpu_kernels.build() == built and built.stat().st_mtime_ns == mtime
 
+    # A compiler that answers the CPU query but fails the build, as a broken toolchain would.
+    broken = tmp_path / "broken-c++"
+    broken.write_text(
+        '#!/bin/sh\ncase "$*" in *-dM*) exec c++ "$@";; esac\necho "no room" >&2\nexit 1\n'
+    )
+    broken.chmod(0o755)
     monkeypatch.setenv("CA_FLAX_KERNEL_CACHE", str(tmp_path / "failed"))
-    with pytest.raises(RuntimeError, match="depthwise3x3.cc failed"):
-        cpu_kernels.build(compiler="false")
+    with pytest.raises(RuntimeError, match="depthwise3x3.cc failed:\n.*no room"):
+        cpu_kernels.build(compiler=str(broken))
     assert list((tmp_path / "failed").iterdir()) == []
     with pytest.raises(RuntimeError, match="compiler 'no-such-cc' on PATH"):
         cpu_kernels.build(compiler="no-such-cc")
 
 
-def test_opting_out_keeps_xla_loops():
-    """CA_FLAX_CPU_KERNELS=0 turns the kernels off for the whole process."""
-    code = "from ca_flax import cpu_kernels; print(cpu_kernels.available())"
-    env = {**os.environ, "CA_FLAX_CPU_KERNELS": "0"}
+@pytest.mark.parametrize(
+    ("env", "warning"),
+    [({"CA_FLAX_CPU_KERNELS": "0"}, None), ({"PATH": ""}, "no C++ compiler 'c++' on PATH")],
+    ids=["opted_out", "no_compiler"],
+)
+def test_without_kernels_models_keep_xla_loops(env, warning):
+    """CA_FLAX_CPU_KERNELS=0 turns the kernels off for the whole process; without a compiler
+    they are off too, with one warning saying why, and models still run."""
+    code = (
+        "import jax, ca_flax\n"
+        "from ca_flax import cpu_kernels\n"
+        "print(cpu_kernels.available())\n"
+        "m = ca_flax.create_model('mobilenext', num_classes=3, width_mult=0.35)\n"
+        "x = jax.numpy.ones((1, 16, 16, 3))\n"
+        "print(m.apply(m.init(jax.random.key(0), x), x).shape)\n"
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", **env}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert out.returncode == 0 and out.stdout.strip() == "False"
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[:2] == ["False", "(1, 3)"]
+    if warning:
+        assert out.stderr.count("CPU kernels unavailable") == 1 and warning in out.stderr

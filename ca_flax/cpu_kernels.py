@@ -5,8 +5,9 @@ its input, 1.4-3.5x slower than one pass that keeps the nine taps in registers (
 The kernel is built once per machine with the system's C++ compiler into a cache folder
 (`CA_FLAX_KERNEL_CACHE`, else `$XDG_CACHE_HOME/ca_flax` or `~/.cache/ca_flax`), named by a
 hash of the source, the compile command, jaxlib and the instruction set the compiler targets
-on this CPU, so a shared home folder never hands a binary to a CPU it was not built for. Without a compiler, or with
-`CA_FLAX_CPU_KERNELS=0`, models fall back to XLA's loops (same results to float rounding).
+on this CPU, so a shared home folder never hands a binary to a CPU it was not built for.
+Without a compiler, or with `CA_FLAX_CPU_KERNELS=0`, models fall back to XLA's loops (same
+results to float rounding).
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ SOURCE = Path(__file__).parent / "csrc" / "depthwise3x3.cc"
 OPT_OUT = "CA_FLAX_CPU_KERNELS"
 TARGET = "ca_flax_depthwise3x3_affine"
 SYMBOL = "CaFlaxDepthwise3x3"
+TARGET_FLAGS = ("-O3", "-march=native", "-std=c++17")  # what the code is generated for
+FLAGS = (*TARGET_FLAGS, "-shared", "-fPIC", "-w")
+BUILD_TIMEOUT_S = 300
 _wanted: contextvars.ContextVar[bool] = contextvars.ContextVar("ca_flax_cpu_kernels", default=True)
 
 
@@ -47,14 +51,10 @@ def cache_dir() -> Path:
     return Path(base) / "ca_flax"
 
 
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
-BUILD_TIMEOUT_S = 300
-
-
 def target_macros(compiler: str) -> str:
     """What the compiler predefines for this CPU under `-march=native` (its instruction-set
     extensions among them): the part of the cache key that tells CPUs apart on any OS."""
-    command = [compiler, *FLAGS[:3], "-E", "-dM", "-x", "c++", os.devnull]
+    command = [compiler, *TARGET_FLAGS, "-E", "-dM", "-x", "c++", os.devnull]
     done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
     if done.returncode != 0:
         raise RuntimeError(f"{compiler} cannot target this CPU:\n{done.stderr[-2000:]}")

@@ -415,8 +415,11 @@ class Sequential:
         mul, add = self.bn_affine(x)
         if relu6:
             self.index += 1
-        fused = {"mul": mul, "add": add, "relu6": relu6, "input_affine": input_affine}
-        return conv(x, fused | {"residual": residual})
+        return conv(
+            x,
+            {"mul": mul, "add": add, "relu6": relu6, "input_affine": input_affine,
+             "residual": residual},
+        )  # fmt: skip
 
     def bn_affine(self, x: Array) -> tuple[Array, Array]:
         """The next BatchNorm's inference `(mul, add)` for `x`'s channels, left to a kernel."""

@@ -6,14 +6,21 @@
 // where pre(x) = ReLU6(x * in_mul + in_add) when `input_bn_relu6` (the BatchNorm and ReLU6 of
 // the 1x1 convolution that feeds the layer) and x otherwise, act is ReLU6 when `relu6`, and
 // `residual` (the block's input) is added when given. XLA:CPU would run these as separate
-// elementwise passes over padded copies; here each input row goes once through `pre` into a
-// zero-bordered ring of three rows that stays in cache, and each output vector of channels is
-// written once. Channels are contiguous, so one step computes 16 (then 8, then single) channels
-// for a few neighbouring output pixels whose windows share input columns, with the nine tap
-// vectors held in registers along the row.
+// elementwise passes over padded copies; here each output vector of channels is written once.
+//
+// The work goes one group of 16 (then 8, then single) channels at a time through a whole image:
+// the group's input rows go once through `pre` into a zero-bordered ring of three rows that is
+// a few KB (it stays in L1 however many channels the layer has), and each step computes a few
+// neighbouring output pixels whose windows share input columns, with the nine tap vectors in
+// registers. Measured on Zen 5 against a row-at-a-time order over all channels, whose ring
+// outgrew L1 on the wide layers: 1.5x faster over the two networks' layer shapes.
 #include <algorithm>
 #include <cstdint>
 #include <vector>
+
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -51,6 +58,23 @@ inline V Relu6(V v) {
 
 inline float Relu6(float v) { return std::min(std::max(v, 0.0f), 6.0f); }
 
+// min/max instructions where the target has them: the generic form above compiles to
+// compares and blends, twice the instructions. Operand order keeps NaN propagating as above.
+#if defined(__AVX512F__)
+inline f32x16 Relu6(f32x16 v) {
+  const __m512 zero = _mm512_setzero_ps(), six = _mm512_set1_ps(6.0f);
+  const __m512 max = _mm512_max_ps(zero, reinterpret_cast<__m512>(v));
+  return reinterpret_cast<f32x16>(_mm512_min_ps(six, max));
+}
+#endif
+#if defined(__AVX__)
+inline f32x8 Relu6(f32x8 v) {
+  const __m256 zero = _mm256_setzero_ps(), six = _mm256_set1_ps(6.0f);
+  const __m256 max = _mm256_max_ps(zero, reinterpret_cast<__m256>(v));
+  return reinterpret_cast<f32x8>(_mm256_min_ps(six, max));
+}
+#endif
+
 struct Layer {
   int64_t height, width, channels, out_height, out_width;
   const float* taps;  // (9, C)
@@ -61,48 +85,55 @@ struct Layer {
   bool relu6;
 };
 
-// Three input rows, each `width + 2` pixels with a zero pixel at both ends; a row outside the
-// image is all zeros. Row `ih` lives in slot (ih + 1) % 3.
+template <typename V>
+constexpr int64_t kLanes = sizeof(V) / sizeof(float);
+
+// The three input rows one output row needs, for one group of channels: each row is
+// `width + 2` pixels of kLanes<V> contiguous channels with a zero pixel at both ends, and a
+// row outside the image is all zeros. Row `ih` lives in slot (ih + 1) % 3.
+template <typename V>
 class RowRing {
  public:
   // Slots start on 64-byte boundaries (as XLA's buffers do): a 16-lane load that straddled two
   // cache lines would cost two.
   explicit RowRing(const Layer& l)
-      : l_(l), stride_(((l.width + 2) * l.channels + 15) / 16 * 16), storage_(3 * stride_ + 16) {
+      : l_(l), stride_(((l.width + 2) * kLanes<V> + 15) / 16 * 16), storage_(3 * stride_ + 16) {
     const auto address = reinterpret_cast<std::uintptr_t>(storage_.data());
     data_ = storage_.data() + (-address / sizeof(float)) % 16;
     std::fill(storage_.begin(), storage_.end(), 0.0f);
   }
 
-  // Fill the slots for input rows ih0 .. ih0 + 2 of `image`, converting only rows not held.
-  void Hold(const float* image, int64_t ih0) {
-    for (int64_t ih = ih0; ih < ih0 + 3; ++ih) {
-      const int64_t slot = (ih + 1) % 3;
-      if (held_[slot] == ih) continue;
-      held_[slot] = ih;
-      float* row = data_ + slot * stride_ + l_.channels;  // past the left zero pixel
-      if (ih < 0 || ih >= l_.height) {
-        std::fill(row, row + l_.width * l_.channels, 0.0f);
+  // Start on channels [c0, c0 + kLanes<V>) of `image`, holding no rows yet.
+  void Start(const float* image, int64_t c0) {
+    image_ = image + c0;
+    c0_ = c0;
+    next_ = -1;
+  }
+
+  // Fill the slots up to input row `last`; rows are asked for in increasing order.
+  void Hold(int64_t last) {
+    for (; next_ <= last; ++next_) {
+      float* row = data_ + ((next_ + 1) % 3) * stride_ + kLanes<V>;  // past the left zero pixel
+      if (next_ < 0 || next_ >= l_.height) {
+        std::fill(row, row + l_.width * kLanes<V>, 0.0f);
       } else {
-        Convert(image + ih * l_.width * l_.channels, row);
+        Convert(image_ + next_ * l_.width * l_.channels, row);
       }
     }
   }
-
-  // Forget the rows held: the next image's rows have the same numbers.
-  void Reset() { std::fill(held_, held_ + 3, int64_t{-9}); }
 
   const float* Row(int64_t ih) const { return data_ + ((ih + 1) % 3) * stride_; }
 
  private:
   void Convert(const float* in, float* out) const {
-    const int64_t n = l_.width * l_.channels, C = l_.channels;
+    const int64_t C = l_.channels;
     if (l_.in_mul == nullptr) {
-      std::copy(in, in + n, out);
+      for (int64_t p = 0; p < l_.width; ++p) Store<V>(out + p * kLanes<V>, Load<V>(in + p * C));
       return;
     }
-    for (int64_t p = 0; p < n; p += C) {
-      for (int64_t c = 0; c < C; ++c) out[p + c] = Relu6(in[p + c] * l_.in_mul[c] + l_.in_add[c]);
+    const V mul = Load<V>(l_.in_mul + c0_), add = Load<V>(l_.in_add + c0_);
+    for (int64_t p = 0; p < l_.width; ++p) {
+      Store<V>(out + p * kLanes<V>, Relu6(Load<V>(in + p * C) * mul + add));
     }
   }
 
@@ -110,92 +141,87 @@ class RowRing {
   int64_t stride_;
   std::vector<float> storage_;
   float* data_;
-  int64_t held_[3] = {-9, -9, -9};
+  const float* image_ = nullptr;
+  int64_t c0_ = 0;
+  int64_t next_ = -1;
 };
 
-// One output row, channels [c0, c0 + lanes of V), from the ring's zero-bordered rows.
+// kBlock neighbouring outputs from `ow` of one output row, whose windows share the kCols
+// bordered input columns they read from each of the three rows.
+template <int kBlock, int kStride, bool kRelu6, bool kResidual, typename V>
+inline void Block(const Layer& l, const float* const rows[3], const V w[9], V mul, V add,
+                  int64_t ow, const float* __restrict residual, float* __restrict out) {
+  constexpr int64_t L = kLanes<V>;
+  constexpr int kCols = (kBlock - 1) * kStride + 3;
+  V part[3][kBlock];
+  for (int k = 0; k < 3; ++k) {
+    const float* p = rows[k] + ow * kStride * L;
+    V col[kCols];
+    for (int j = 0; j < kCols; ++j) col[j] = Load<V>(p + j * L);
+    for (int b = 0; b < kBlock; ++b) part[k][b] = col[b * kStride] * w[3 * k];
+    for (int j = 1; j < 3; ++j) {
+      for (int b = 0; b < kBlock; ++b) part[k][b] += col[b * kStride + j] * w[3 * k + j];
+    }
+  }
+  V acc[kBlock];
+  for (int b = 0; b < kBlock; ++b) acc[b] = part[0][b] + part[1][b] + part[2][b];
+  const int64_t C = l.channels;
+  for (int b = 0; b < kBlock; ++b) {
+    V y = acc[b] * mul + add;
+    if constexpr (kRelu6) y = Relu6(y);
+    if constexpr (kResidual) y += Load<V>(residual + (ow + b) * C);
+    Store<V>(out + (ow + b) * C, y);
+  }
+}
+
+// Channels [c0, c0 + kLanes<V>) of one image, row by row through the group's ring.
 template <int kStride, bool kRelu6, bool kResidual, typename V>
-void RowVector(const Layer& l, const RowRing& ring, int64_t oh, int64_t c0,
-               const float* __restrict residual, float* __restrict out) {
+void Group(const Layer& l, RowRing<V>& ring, const float* image, int64_t c0,
+           const float* __restrict residual, float* __restrict out) {
   const int64_t C = l.channels, out_width = l.out_width;
   V w[9];
   for (int t = 0; t < 9; ++t) w[t] = Load<V>(l.taps + t * C + c0);
   const V mul = Load<V>(l.mul + c0), add = Load<V>(l.add + c0);
-  const float* rows[3];
-  for (int k = 0; k < 3; ++k) rows[k] = ring.Row(oh * kStride - 1 + k) + c0;
-  auto finish = [&](V acc, int64_t ow) {
-    V y = acc * mul + add;
-    if constexpr (kRelu6) y = Relu6(y);
-    if constexpr (kResidual) y += Load<V>(residual + ow * C + c0);
-    Store<V>(out + ow * C + c0, y);
-  };
-  // kBlock outputs per step read the kCols bordered input columns their windows cover.
+  ring.Start(image, c0);
   constexpr int kBlock = kStride == 1 ? 4 : 2;
-  constexpr int kCols = (kBlock - 1) * kStride + 3;
-  int64_t ow = 0;
-  for (; ow + kBlock <= out_width; ow += kBlock) {
-    V acc[kBlock] = {};
-    for (int k = 0; k < 3; ++k) {
-      const float* p = rows[k] + ow * kStride * C;
-      V col[kCols];
-      for (int j = 0; j < kCols; ++j) col[j] = Load<V>(p + j * C);
-      for (int b = 0; b < kBlock; ++b) {
-        acc[b] += col[b * kStride] * w[3 * k] + col[b * kStride + 1] * w[3 * k + 1] +
-                  col[b * kStride + 2] * w[3 * k + 2];
+  for (int64_t oh = 0; oh < l.out_height; ++oh) {
+    ring.Hold(oh * kStride + 1);
+    const float* rows[3];
+    for (int k = 0; k < 3; ++k) rows[k] = ring.Row(oh * kStride - 1 + k);
+    const int64_t at = oh * out_width * C + c0;
+    const float* res = kResidual ? residual + at : nullptr;
+    float* o = out + at;
+    int64_t ow = 0;
+    for (; ow + kBlock <= out_width; ow += kBlock) {
+      Block<kBlock, kStride, kRelu6, kResidual>(l, rows, w, mul, add, ow, res, o);
+    }
+    if constexpr (kBlock == 4) {
+      if (ow + 2 <= out_width) {
+        Block<2, kStride, kRelu6, kResidual>(l, rows, w, mul, add, ow, res, o);
+        ow += 2;
       }
     }
-    for (int b = 0; b < kBlock; ++b) finish(acc[b], ow + b);
-  }
-  for (; ow < out_width; ++ow) {
-    V acc = {};
-    for (int k = 0; k < 3; ++k) {
-      const float* p = rows[k] + ow * kStride * C;
-      acc += Load<V>(p) * w[3 * k] + Load<V>(p + C) * w[3 * k + 1] + Load<V>(p + 2 * C) * w[3 * k + 2];
-    }
-    finish(acc, ow);
-  }
-}
-
-// Single lanes, for the channels left over after the vectors.
-template <int kStride>
-void RowScalar(const Layer& l, const RowRing& ring, int64_t oh, int64_t c0, const float* residual,
-               float* out) {
-  const int64_t C = l.channels;
-  for (int64_t ow = 0; ow < l.out_width; ++ow) {
-    for (int64_t c = c0; c < C; ++c) {
-      float acc = 0.0f;
-      for (int k = 0; k < 3; ++k) {
-        const float* p = ring.Row(oh * kStride - 1 + k) + ow * kStride * C + c;
-        for (int j = 0; j < 3; ++j) acc += p[j * C] * l.taps[(3 * k + j) * C + c];
-      }
-      float y = acc * l.mul[c] + l.add[c];
-      if (l.relu6) y = Relu6(y);
-      if (residual != nullptr) y += residual[ow * C + c];
-      out[ow * C + c] = y;
-    }
+    if (ow < out_width) Block<1, kStride, kRelu6, kResidual>(l, rows, w, mul, add, ow, res, o);
   }
 }
 
 template <int kStride, bool kRelu6, bool kResidual>
 void Depthwise(const Layer& l, int64_t batch, const float* x, const float* residual, float* y) {
   const int64_t C = l.channels, in_image = l.height * l.width * C;
-  const int64_t out_row = l.out_width * C;
-  RowRing ring(l);
+  const int64_t out_image = l.out_height * l.out_width * C;
+  RowRing<f32x16> ring16(l);
+  RowRing<f32x8> ring8(l);
+  RowRing<float> ring1(l);
   for (int64_t n = 0; n < batch; ++n) {
-    ring.Reset();
-    for (int64_t oh = 0; oh < l.out_height; ++oh) {
-      ring.Hold(x + n * in_image, oh * kStride - 1);
-      const int64_t at = (n * l.out_height + oh) * out_row;
-      const float* res = residual != nullptr ? residual + at : nullptr;
-      int64_t c0 = 0;
-      for (; c0 + 16 <= C; c0 += 16) {
-        RowVector<kStride, kRelu6, kResidual, f32x16>(l, ring, oh, c0, res, y + at);
-      }
-      for (; c0 + 8 <= C; c0 += 8) {
-        RowVector<kStride, kRelu6, kResidual, f32x8>(l, ring, oh, c0, res, y + at);
-      }
-      if (c0 < C) RowScalar<kStride>(l, ring, oh, c0, res, y + at);
+    const float* image = x + n * in_image;
+    const float* res = kResidual ? residual + n * out_image : nullptr;
+    float* out = y + n * out_image;
+    int64_t c0 = 0;
+    for (; c0 + 16 <= C; c0 += 16) {
+      Group<kStride, kRelu6, kResidual>(l, ring16, image, c0, res, out);
     }
+    for (; c0 + 8 <= C; c0 += 8) Group<kStride, kRelu6, kResidual>(l, ring8, image, c0, res, out);
+    for (; c0 < C; ++c0) Group<kStride, kRelu6, kResidual>(l, ring1, image, c0, res, out);
   }
 }
 

@@ -342,6 +342,8 @@ class Conv3x3(nn.Module):
     im2col and one matmul, or a lax convolution under the 'xla' formulation.
 
     Its kernel is (3, 3, in, out) as in `nn.Conv`, so parameter trees and checkpoints match.
+    Given `fused` (the keywords of `cpu_kernels.conv3x3_affine`: its BatchNorm and ReLU6) it
+    runs as that one CPU kernel instead; see `Sequential.conv3x3_bn_relu6`.
     """
 
     features: int
@@ -349,8 +351,10 @@ class Conv3x3(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, fused: dict[str, Any] | None = None) -> Array:
         kernel = self.param("kernel", conv_init, (3, 3, x.shape[-1], self.features), jnp.float32)
+        if fused is not None:
+            return cpu_kernels.conv3x3_affine(x, kernel, stride=self.stride, **fused)
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         if active_conv_formulation() == "xla":
             return xla_conv(x, kernel, self.stride)
@@ -409,10 +413,10 @@ class Sequential:
             return y if residual is None else residual + y
         input_affine = None
         if input_bn_relu6:
-            input_affine = self.bn_affine(x)
+            input_affine = self.bn_affine(x.shape[-1])
             self.index += 1  # its ReLU6
         conv = DepthwiseConv3x3(stride, self.dtype, name=self._name())
-        mul, add = self.bn_affine(x)
+        mul, add = self.bn_affine(x.shape[-1])
         if relu6:
             self.index += 1
         return conv(
@@ -421,12 +425,23 @@ class Sequential:
              "residual": residual},
         )  # fmt: skip
 
-    def bn_affine(self, x: Array) -> tuple[Array, Array]:
-        """The next BatchNorm's inference `(mul, add)` for `x`'s channels, left to a kernel."""
-        return BatchNorm(dtype=self.dtype, name=self._name())(x, False, as_affine=True)
+    def bn_affine(self, channels: int) -> tuple[Array, Array]:
+        """The next BatchNorm's inference `(mul, add)` for `channels`, left to a kernel."""
+        channels_only = jnp.zeros((0, channels), jnp.float32)  # the only thing it reads
+        return BatchNorm(dtype=self.dtype, name=self._name())(channels_only, False, as_affine=True)
 
     def conv3x3(self, x: Array, features: int, stride: int) -> Array:
         return Conv3x3(features, stride, self.dtype, name=self._name())(x)
+
+    def conv3x3_bn_relu6(self, x: Array, features: int, stride: int) -> Array:
+        """Dense 3x3 conv -> BatchNorm -> ReLU6 (the stem). In float32 CPU inference one kernel
+        does all three (`cpu_kernel_inference`); the parameters and names are the same."""
+        if not (self.fuse and cpu_kernel_inference(x, self.train, self.dtype)):
+            return self.act(self.bn(self.conv3x3(x, features, stride)))
+        conv = Conv3x3(features, stride, self.dtype, name=self._name())
+        mul, add = self.bn_affine(features)
+        self.index += 1  # the ReLU6
+        return conv(x, {"mul": mul, "add": add, "relu6": True})
 
     def bn(self, x: Array) -> Array:
         return BatchNorm(dtype=self.dtype, name=self._name())(x, self.train)

@@ -39,12 +39,10 @@ class ConvBNReLU(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
-        seq = Sequential("", train, self.dtype)
+        seq = Sequential("", train, self.dtype, fuse=may_fuse(self))
         if self.kernel_size == 3:
-            x = seq.conv3x3(x, self.features, self.stride)
-        else:
-            x = seq.pointwise(x, self.features)
-        return seq.act(seq.bn(x))
+            return seq.conv3x3_bn_relu6(x, self.features, self.stride)
+        return seq.act(seq.bn(seq.pointwise(x, self.features)))
 
 
 class InvertedResidual(nn.Module):

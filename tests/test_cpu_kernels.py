@@ -16,12 +16,12 @@ from tiny_models import random_variables
 
 import ca_flax
 from ca_flax import cpu_kernels
-from ca_flax.layers import conv_formulation, depthwise_conv3x3, relu6
+from ca_flax.layers import conv3x3_im2col, conv_formulation, depthwise_conv3x3, relu6
 
 
 def test_kernels_build_and_register_here():
-    """The machines this suite runs on have a C++ compiler: the kernel must build (a silent
-    fallback to XLA's loops would leave CPU inference slower and its kernel untested)."""
+    """The machines this suite runs on have a C++ compiler: the kernels must build (a silent
+    fallback to XLA's loops would leave CPU inference slower and the kernels untested)."""
     assert jax.default_backend() == "cpu"
     assert cpu_kernels.available()
 
@@ -76,15 +76,42 @@ def test_depthwise_kernel_matches_xla_loops(shape, stride):
             assert 0 < np.mean(want == 0) < 1 and np.any(want == 6), variant
 
 
-def count_kernel_calls(fn, *args) -> int:  # noqa: ANN001
-    """Kernel calls in `fn`'s program, traced afresh (jit caches traces per function)."""
-    return jax.jit(lambda *a: fn(*a)).lower(*args).as_text().count(cpu_kernels.TARGET)
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize(
+    ("shape", "out_channels"),
+    [((2, 9, 37, 3), 32), ((1, 7, 13, 5), 27), ((1, 1, 2, 1), 48)],
+    ids=["stem_8+4+1px", "16+8+3lanes", "tiny_32+16"],
+)
+def test_conv3x3_kernel_matches_xla(shape, out_channels, stride):
+    """The dense 3x3 kernel (the stem) on every code path (32/16/8/1-lane output groups, 8-, 4-
+    and 1-pixel steps, odd sizes, with and without ReLU6) against a float64 convolution."""
+    rng = np.random.default_rng(sum(shape) + out_channels + stride)
+    x = rng.normal(0, 2, shape).astype(np.float32)
+    kernel = rng.normal(0, 1, (3, 3, shape[-1], out_channels)).astype(np.float32)
+    mul, add = (rng.normal(0, 1, out_channels).astype(np.float32) for _ in range(2))
+    with jax.enable_x64():
+        f64 = partial(jnp.asarray, dtype=jnp.float64)
+        linear = np.asarray(conv3x3_im2col(f64(x), f64(kernel), stride) * f64(mul) + f64(add))
+    for relu6_out in (True, False):
+        run = partial(cpu_kernels.conv3x3_affine, stride=stride, relu6=relu6_out)
+        got = jax.jit(run)(x, kernel, mul, add)
+        want = np.clip(linear, 0, 6) if relu6_out else linear
+        assert got.shape == want.shape and got.dtype == jnp.float32
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4, err_msg=f"relu6={relu6_out}")
+    if linear.size >= 100:  # both bounds of the ReLU6 were exercised
+        assert np.any(linear < 0) and np.any(linear > 6)
+
+
+def count_kernel_calls(fn, *args, target: str = cpu_kernels.DEPTHWISE_TARGET) -> int:  # noqa: ANN001
+    """Calls of kernel `target` in `fn`'s program, traced afresh (jit caches traces per function)."""
+    return jax.jit(lambda *a: fn(*a)).lower(*args).as_text().count(target)
 
 
 @pytest.mark.parametrize("name", ["mobilenetv2_ca", "mobilenext"])
 def test_models_use_the_kernel_in_cpu_inference_with_the_same_logits(name):
-    """Every depthwise + BatchNorm (+ ReLU6) of a float32 CPU inference is one kernel call, and
-    the logits equal XLA's loops'; training, 'xla' convolutions and bf16 keep XLA's loops."""
+    """Every depthwise + BatchNorm (+ ReLU6) of a float32 CPU inference is one kernel call, so is
+    the stem, and the logits equal XLA's loops'; training, 'xla' convolutions and bf16 keep
+    XLA's loops."""
     model = ca_flax.create_model(name, num_classes=7, width_mult=0.35)
     x = jax.random.normal(jax.random.key(0), (4, 32, 40, 3))
     variables = random_variables(model)
@@ -92,8 +119,10 @@ def test_models_use_the_kernel_in_cpu_inference_with_the_same_logits(name):
     kernels = jax.tree_util.tree_leaves(variables["params"])
     depthwise = sum(k.ndim == 4 and k.shape[:3] == (3, 3, 1) for k in kernels)
     assert count_kernel_calls(infer, variables, x) == depthwise > 0
+    assert count_kernel_calls(infer, variables, x, target=cpu_kernels.CONV_TARGET) == 1
     with cpu_kernels.use_kernels(False):
         assert count_kernel_calls(infer, variables, x) == 0
+        assert count_kernel_calls(infer, variables, x, target=cpu_kernels.CONV_TARGET) == 0
         plain = jax.jit(lambda v, x: infer(v, x))(variables, x)
     fused = jax.jit(infer)(variables, x)
     np.testing.assert_allclose(fused, plain, rtol=1e-4, atol=1e-4)
@@ -102,11 +131,14 @@ def test_models_use_the_kernel_in_cpu_inference_with_the_same_logits(name):
     train = partial(
         model.apply, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(1)}
     )
-    assert count_kernel_calls(train, variables, x) == 0
-    with conv_formulation("xla"):
-        assert count_kernel_calls(infer, variables, x) == 0
     bf16 = ca_flax.create_model(name, num_classes=7, width_mult=0.35, dtype=jnp.bfloat16)
-    assert count_kernel_calls(partial(bf16.apply, train=False), variables, x) == 0
+    for target in cpu_kernels.TARGETS:
+        assert count_kernel_calls(train, variables, x, target=target) == 0
+        with conv_formulation("xla"):
+            assert count_kernel_calls(infer, variables, x, target=target) == 0
+        assert (
+            count_kernel_calls(partial(bf16.apply, train=False), variables, x, target=target) == 0
+        )
 
 
 def test_build_is_cached_per_machine_and_failures_leave_nothing(tmp_path, monkeypatch):
@@ -125,7 +157,7 @@ def test_build_is_cached_per_machine_and_failures_leave_nothing(tmp_path, monkey
     )
     broken.chmod(0o755)
     monkeypatch.setenv("CA_FLAX_KERNEL_CACHE", str(tmp_path / "failed"))
-    with pytest.raises(RuntimeError, match="depthwise3x3.cc failed:\n.*no room"):
+    with pytest.raises(RuntimeError, match="csrc failed:\n.*no room"):
         cpu_kernels.build(compiler=str(broken))
     assert list((tmp_path / "failed").iterdir()) == []
     with pytest.raises(RuntimeError, match="compiler 'no-such-cc' on PATH"):

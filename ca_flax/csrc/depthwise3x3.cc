@@ -18,62 +18,11 @@
 #include <cstdint>
 #include <vector>
 
-#if defined(__AVX__)
-#include <immintrin.h>
-#endif
-
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "simd.h"
 
 namespace {
 
-// Buffer types by rank (named, since a comma inside the handler macro would split its argument).
-using Tensor4 = ffi::Buffer<ffi::F32, 4>;
-using Matrix = ffi::Buffer<ffi::F32, 2>;
-using Vector = ffi::Buffer<ffi::F32, 1>;
-
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef float f32x8 __attribute__((vector_size(32)));
-
-template <typename V>
-inline V Load(const float* p) {
-  V v;
-  __builtin_memcpy(&v, p, sizeof(V));
-  return v;
-}
-
-template <typename V>
-inline void Store(float* p, V v) {
-  __builtin_memcpy(p, &v, sizeof(V));
-}
-
-template <typename V>
-inline V Relu6(V v) {
-  const V zero = {};
-  const V six = zero + 6.0f;
-  v = v < zero ? zero : v;
-  return v > six ? six : v;
-}
-
-inline float Relu6(float v) { return std::min(std::max(v, 0.0f), 6.0f); }
-
-// min/max instructions where the target has them: the generic form above compiles to
-// compares and blends, twice the instructions. Operand order keeps NaN propagating as above.
-#if defined(__AVX512F__)
-inline f32x16 Relu6(f32x16 v) {
-  const __m512 zero = _mm512_setzero_ps(), six = _mm512_set1_ps(6.0f);
-  const __m512 max = _mm512_max_ps(zero, reinterpret_cast<__m512>(v));
-  return reinterpret_cast<f32x16>(_mm512_min_ps(six, max));
-}
-#endif
-#if defined(__AVX__)
-inline f32x8 Relu6(f32x8 v) {
-  const __m256 zero = _mm256_setzero_ps(), six = _mm256_set1_ps(6.0f);
-  const __m256 max = _mm256_max_ps(zero, reinterpret_cast<__m256>(v));
-  return reinterpret_cast<f32x8>(_mm256_min_ps(six, max));
-}
-#endif
+using namespace ca_flax;
 
 struct Layer {
   int64_t height, width, channels, out_height, out_width;
@@ -84,9 +33,6 @@ struct Layer {
   const float* in_add;
   bool relu6;
 };
-
-template <typename V>
-constexpr int64_t kLanes = sizeof(V) / sizeof(float);
 
 // The three input rows one output row needs, for one group of channels: each row is
 // `width + 2` pixels of kLanes<V> contiguous channels with a zero pixel at both ends, and a

@@ -176,7 +176,7 @@ class BatchNorm(nn.Module):
     Train mode follows the formulation: 'xla' uses `fused_batch_norm`; 'windows' leaves the
     gradient to autodiff, which XLA's CPU backend fuses into the depthwise loops (faster there).
     In inference, `as_affine=True` returns the per-channel `(mul, add)` it would apply instead,
-    for a kernel that applies them itself (`Sequential.depthwise_bn`).
+    for a kernel that applies them itself (`Sequential.depthwise_bn`, `conv3x3_bn_relu6`).
     """
 
     epsilon: float = 1e-5

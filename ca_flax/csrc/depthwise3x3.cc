@@ -8,7 +8,8 @@
 // `residual` (the block's input) is added when given. XLA:CPU would run these as separate
 // elementwise passes over padded copies; here each output vector of channels is written once.
 //
-// The work goes one group of 16 (then 8, then single) channels at a time through a whole image:
+// The work goes one group of 16 (then 8, then single; 8 first without AVX-512) channels at a
+// time through a whole image:
 // the group's input rows go once through `pre` into a zero-bordered ring of three rows that is
 // a few KB (it stays in L1 however many channels the layer has), and each step computes a few
 // neighbouring output pixels whose windows share input columns, with the nine tap vectors in
@@ -163,8 +164,10 @@ void Depthwise(const Layer& l, int64_t batch, const float* x, const float* resid
     const float* res = kResidual ? residual + n * out_image : nullptr;
     float* out = y + n * out_image;
     int64_t c0 = 0;
-    for (; c0 + 16 <= C; c0 += 16) {
-      Group<kStride, kRelu6, kResidual>(l, ring16, image, c0, res, out);
+    if constexpr (kWide) {
+      for (; c0 + 16 <= C; c0 += 16) {
+        Group<kStride, kRelu6, kResidual>(l, ring16, image, c0, res, out);
+      }
     }
     for (; c0 + 8 <= C; c0 += 8) Group<kStride, kRelu6, kResidual>(l, ring8, image, c0, res, out);
     for (; c0 < C; ++c0) Group<kStride, kRelu6, kResidual>(l, ring1, image, c0, res, out);
@@ -191,7 +194,7 @@ ffi::Error Depthwise3x3(Tensor4 x, Matrix taps, Vector mul, Vector add, Vector i
   if (stride != 1 && stride != 2) return ffi::Error::InvalidArgument("stride must be 1 or 2");
   const auto d = x.dimensions();
   const int64_t C = d[3];
-  const Layer l{d[1], d[2], C, (d[1] - 1) / stride + 1, (d[2] - 1) / stride + 1,
+  const Layer l{d[1], d[2], C, Strided(d[1], stride), Strided(d[2], stride),
                 taps.typed_data(), mul.typed_data(), add.typed_data(),
                 input_bn_relu6 ? in_mul.typed_data() : nullptr, in_add.typed_data(), relu6};
   if (taps.dimensions()[0] != 9 || taps.dimensions()[1] != C || mul.dimensions()[0] != C ||

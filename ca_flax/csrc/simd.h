@@ -17,6 +17,8 @@
 namespace ffi = xla::ffi;
 
 namespace ca_flax {
+namespace {  // each kernel file keeps its own copy: no symbols shared between them
+
 
 // Buffer types by rank (named, since a comma inside the handler macro would split its argument).
 using Tensor4 = ffi::Buffer<ffi::F32, 4>;
@@ -68,6 +70,20 @@ inline f32x8 Relu6(f32x8 v) {
 template <typename V>
 constexpr int64_t kLanes = sizeof(V) / sizeof(float);
 
+// 16-lane vectors where the target has 32 registers of that width (AVX-512); elsewhere one takes
+// two or four registers, more than the kernels' register blocking leaves, so they use 8 lanes.
+#if defined(__AVX512F__)
+constexpr bool kWide = true;
+#else
+constexpr bool kWide = false;
+#endif
+
+// Outputs of a 3x3 window with padding 1 at `stride` over `size` inputs, as Python's `strided`.
+inline int64_t Strided(int64_t size, int64_t stride) {
+  return size == 0 ? 0 : (size - 1) / stride + 1;
+}
+
+}  // namespace
 }  // namespace ca_flax
 
 #endif  // CA_FLAX_CSRC_SIMD_H_

@@ -154,16 +154,74 @@ def depthwise3x3_affine(
     `pre(x)` is `relu6(x * in_mul + in_add)` for `input_affine = (in_mul, in_add)` (the
     BatchNorm and ReLU6 of the 1x1 conv that feeds the layer), else `x`; `act` is ReLU6 if
     `relu6`; `residual`, shaped like the output, is added if given. float32 NHWC `x`, a
-    (3, 3, 1, C) `kernel`, per-channel vectors; padding 1, stride 1 or 2. Inference only (it
-    has no gradient). Raises RuntimeError where the kernel is not `available()`.
+    (3, 3, 1, C) `kernel`, per-channel vectors; padding 1, stride 1 or 2. Derivatives come from
+    XLA's form of the same layer (`reference_depthwise3x3_affine`), so gradients through
+    inference (saliency maps, frozen BatchNorm) work. Raises RuntimeError where the kernel is
+    not `available()`.
     """
     if not available():
         raise RuntimeError(
             f"{DEPTHWISE_TARGET} is not available here: see the warning, or {OPT_OUT}"
         )
-    n, h, w, c = x.shape
-    out = jax.ShapeDtypeStruct((n, (h - 1) // stride + 1, (w - 1) // stride + 1, c), jnp.float32)
-    call = jax.ffi.ffi_call(DEPTHWISE_TARGET, out, vmap_method="sequential")
+    return _depthwise(stride, relu6, x, kernel, mul, add, input_affine, residual)
+
+
+def conv3x3_affine(
+    x: Array, kernel: Array, mul: Array, add: Array, stride: int, relu6: bool
+) -> Array:
+    """`act(conv3x3(x, kernel, stride) * mul + add)` in one pass: a dense 3x3 convolution
+    (padding 1, stride 1 or 2) with its BatchNorm folded in, `act` ReLU6 if `relu6`.
+
+    Made for the networks' stem (3 input channels): XLA's form, nine slices concatenated and a
+    thin matmul, took 2.3x as long on one core. float32 NHWC `x`, a (3, 3, C_in, C_out)
+    `kernel`, (C_out,) vectors. Derivatives come from XLA's form (`reference_conv3x3_affine`).
+    Raises RuntimeError where it is not `available()`.
+    """
+    if not available():
+        raise RuntimeError(f"{CONV_TARGET} is not available here: see the warning, or {OPT_OUT}")
+    return _conv(stride, relu6, x, kernel, mul, add)
+
+
+def _relu6(x: Array) -> Array:
+    return jnp.clip(x, 0.0, 6.0)
+
+
+def _conv3x3(x: Array, kernel: Array, stride: int, groups: int = 1) -> Array:
+    return jax.lax.conv_general_dilated(
+        x, kernel, (stride, stride), ((1, 1), (1, 1)), None, None, ("NHWC", "HWIO", "NHWC"), groups
+    )
+
+
+def reference_depthwise3x3_affine(
+    stride: int, relu6: bool, x: Array, kernel: Array, mul: Array, add: Array,
+    input_affine: tuple[Array, Array] | None, residual: Array | None,
+) -> Array:  # fmt: skip
+    """`depthwise3x3_affine` as XLA ops: the function its derivatives are taken from."""
+    if input_affine is not None:
+        x = _relu6(x * input_affine[0] + input_affine[1])
+    y = _conv3x3(x, kernel, stride, groups=x.shape[-1]) * mul + add
+    y = _relu6(y) if relu6 else y
+    return y if residual is None else y + residual
+
+
+def reference_conv3x3_affine(
+    stride: int, relu6: bool, x: Array, kernel: Array, mul: Array, add: Array
+) -> Array:
+    """`conv3x3_affine` as XLA ops: the function its derivatives are taken from."""
+    y = _conv3x3(x, kernel, stride) * mul + add
+    return _relu6(y) if relu6 else y
+
+
+def _output(x: Array, stride: int, channels: int) -> jax.ShapeDtypeStruct:
+    n, h, w, _ = x.shape
+    shape = (n, (h - 1) // stride + 1 if h else 0, (w - 1) // stride + 1 if w else 0, channels)
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _depthwise(stride, relu6, x, kernel, mul, add, input_affine, residual):  # noqa: ANN001, ANN202
+    c = x.shape[-1]
+    call = jax.ffi.ffi_call(DEPTHWISE_TARGET, _output(x, stride, c), vmap_method="sequential")
     f32 = jnp.float32
     in_mul, in_add = input_affine if input_affine is not None else (mul, add)  # unread if None
     no_residual = jnp.zeros((0, 0, 0, 0), f32)
@@ -178,28 +236,23 @@ def depthwise3x3_affine(
     )
 
 
-def conv3x3_affine(
-    x: Array, kernel: Array, mul: Array, add: Array, stride: int, relu6: bool
-) -> Array:
-    """`act(conv3x3(x, kernel, stride) * mul + add)` in one pass: a dense 3x3 convolution
-    (padding 1, stride 1 or 2) with its BatchNorm folded in, `act` ReLU6 if `relu6`.
-
-    Made for the networks' stem (3 input channels): XLA's form, nine slices concatenated and a
-    thin matmul, took 2.3x as long on one core. float32 NHWC `x`, a (3, 3, C_in, C_out) `kernel`, (C_out,)
-    vectors. Inference only (no gradient). Raises RuntimeError where it is not `available()`.
-    """
-    if not available():
-        raise RuntimeError(f"{CONV_TARGET} is not available here: see the warning, or {OPT_OUT}")
-    n, h, w, _ = x.shape
-    shape = (n, (h - 1) // stride + 1, (w - 1) // stride + 1, kernel.shape[-1])
-    out = jax.ShapeDtypeStruct(shape, jnp.float32)
-    call = jax.ffi.ffi_call(CONV_TARGET, out, vmap_method="sequential")
-    f32 = jnp.float32
-    return call(
-        x.astype(f32),
-        kernel.astype(f32),
-        mul.astype(f32),
-        add.astype(f32),
-        stride=np.int64(stride),
-        relu6=relu6,
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _conv(stride, relu6, x, kernel, mul, add):  # noqa: ANN001, ANN202
+    call = jax.ffi.ffi_call(
+        CONV_TARGET, _output(x, stride, kernel.shape[-1]), vmap_method="sequential"
     )
+    f32 = jnp.float32
+    args = (x.astype(f32), kernel.astype(f32), mul.astype(f32), add.astype(f32))
+    return call(*args, stride=np.int64(stride), relu6=relu6)
+
+
+@_depthwise.defjvp
+def _depthwise_jvp(stride, relu6, primals, tangents):  # noqa: ANN001, ANN202
+    return jax.jvp(
+        functools.partial(reference_depthwise3x3_affine, stride, relu6), primals, tangents
+    )
+
+
+@_conv.defjvp
+def _conv_jvp(stride, relu6, primals, tangents):  # noqa: ANN001, ANN202
+    return jax.jvp(functools.partial(reference_conv3x3_affine, stride, relu6), primals, tangents)

@@ -143,6 +143,26 @@ def test_models_use_the_kernel_in_cpu_inference_with_the_same_logits(name):
         )
 
 
+@pytest.mark.parametrize("name", ["mobilenetv2_ca", "mobilenext"])
+def test_gradients_through_inference_match_xla_loops(name):
+    """The kernels take their derivatives from XLA's form of the same layers, so gradients of
+    inference (saliency maps, frozen BatchNorm) work and equal those without the kernels."""
+    model = ca_flax.create_model(name, num_classes=7, width_mult=0.35)
+    x = jax.random.normal(jax.random.key(0), (2, 32, 40, 3))
+    variables = random_variables(model)
+
+    def loss(v, x):  # noqa: ANN001, ANN202
+        return jnp.sum(jnp.sin(model.apply(v, x, train=False)))
+
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(variables, x)
+    with cpu_kernels.use_kernels(False):
+        plain = jax.jit(jax.grad(lambda v, x: loss(v, x), argnums=(0, 1)))(variables, x)
+    leaves = jax.tree_util.tree_leaves
+    for got, want in zip(leaves(grads), leaves(plain), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
+    assert float(jnp.abs(plain[1]).max()) > 0  # the input gradient is not trivially zero
+
+
 def test_build_is_cached_per_machine_and_failures_leave_nothing(tmp_path, monkeypatch):
     """A build goes to the cache folder once (the second call reuses the file); a compiler that
     fails raises with what it printed and leaves no file behind; a missing one is named."""

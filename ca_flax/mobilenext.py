@@ -79,9 +79,10 @@ class MobileNeXt(ClassifierNet):
     """MobileNeXt at any width; see `ClassifierNet` for the fields."""
 
     dropout_rate: float = 0.2
-    # Two depthwise layers per block on the wide tensors: smaller chunks ran 6% faster on one
-    # CPU device per core (mobilenext, mobilenext_ca), the same on one device for all cores.
-    cpu_block_mb: ClassVar[float] = 1.5
+    # Two depthwise layers per block on the wide tensors: chunks under the default 3 MB ran faster
+    # on one CPU device per core. With the CPU kernels, 2 MB ran 7-8% faster than 1.5 MB for
+    # mobilenext (one process, two A/B runs), level for mobilenext_ca.
+    cpu_block_mb: ClassVar[float] = 2.0
 
     def feature_layers(self) -> list[nn.Module]:
         """Stem and sandglass blocks."""

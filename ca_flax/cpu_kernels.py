@@ -182,14 +182,8 @@ def conv3x3_affine(
     return _conv(stride, relu6, x, kernel, mul, add)
 
 
-def _relu6(x: Array) -> Array:
-    return jnp.clip(x, 0.0, 6.0)
-
-
-def _conv3x3(x: Array, kernel: Array, stride: int, groups: int = 1) -> Array:
-    return jax.lax.conv_general_dilated(
-        x, kernel, (stride, stride), ((1, 1), (1, 1)), None, None, ("NHWC", "HWIO", "NHWC"), groups
-    )
+# The references and output shapes use `ca_flax.layers`' own pieces; imported where used,
+# since `layers` imports this module.
 
 
 def reference_depthwise3x3_affine(
@@ -197,10 +191,12 @@ def reference_depthwise3x3_affine(
     input_affine: tuple[Array, Array] | None, residual: Array | None,
 ) -> Array:  # fmt: skip
     """`depthwise3x3_affine` as XLA ops: the function its derivatives are taken from."""
+    from ca_flax import layers
+
     if input_affine is not None:
-        x = _relu6(x * input_affine[0] + input_affine[1])
-    y = _conv3x3(x, kernel, stride, groups=x.shape[-1]) * mul + add
-    y = _relu6(y) if relu6 else y
+        x = layers.relu6(x * input_affine[0] + input_affine[1])
+    y = layers.xla_conv(x, kernel, stride, depthwise=True) * mul + add
+    y = layers.relu6(y) if relu6 else y
     return y if residual is None else y + residual
 
 
@@ -208,14 +204,17 @@ def reference_conv3x3_affine(
     stride: int, relu6: bool, x: Array, kernel: Array, mul: Array, add: Array
 ) -> Array:
     """`conv3x3_affine` as XLA ops: the function its derivatives are taken from."""
-    y = _conv3x3(x, kernel, stride) * mul + add
-    return _relu6(y) if relu6 else y
+    from ca_flax import layers
+
+    y = layers.xla_conv(x, kernel, stride) * mul + add
+    return layers.relu6(y) if relu6 else y
 
 
 def _output(x: Array, stride: int, channels: int) -> jax.ShapeDtypeStruct:
+    from ca_flax.layers import strided
+
     n, h, w, _ = x.shape
-    shape = (n, (h - 1) // stride + 1 if h else 0, (w - 1) // stride + 1 if w else 0, channels)
-    return jax.ShapeDtypeStruct(shape, jnp.float32)
+    return jax.ShapeDtypeStruct((n, strided(h, stride), strided(w, stride), channels), jnp.float32)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))

@@ -6,7 +6,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <vector>
 
 #if defined(__AVX__)
 #include <immintrin.h>
@@ -18,7 +17,6 @@ namespace ffi = xla::ffi;
 
 namespace ca_flax {
 namespace {  // each kernel file keeps its own copy: no symbols shared between them
-
 
 // Buffer types by rank (named, since a comma inside the handler macro would split its argument).
 using Tensor4 = ffi::Buffer<ffi::F32, 4>;

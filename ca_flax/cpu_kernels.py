@@ -148,22 +148,32 @@ def depthwise3x3_affine(
     relu6: bool,
     input_affine: tuple[Array, Array] | None = None,
     residual: Array | None = None,
+    expand: Array | None = None,
 ) -> Array:
     """`act(depthwise3x3(pre(x), kernel, stride) * mul + add) + residual` in one pass.
 
     `pre(x)` is `relu6(x * in_mul + in_add)` for `input_affine = (in_mul, in_add)` (the
-    BatchNorm and ReLU6 of the 1x1 conv that feeds the layer), else `x`; `act` is ReLU6 if
+    BatchNorm and ReLU6 of the 1x1 conv that feeds the layer), else `x`; given an (C_in, C)
+    `expand` matrix (with `input_affine`), that 1x1 conv is applied first, `x @ expand`, inside
+    the kernel, so the C-wide tensor is never written; `act` is ReLU6 if
     `relu6`; `residual`, shaped like the output, is added if given. float32 NHWC `x`, a
     (3, 3, 1, C) `kernel`, per-channel vectors; padding 1, stride 1 or 2. Derivatives come from
     XLA's form of the same layer (`reference_depthwise3x3_affine`), so gradients through
     inference (saliency maps, frozen BatchNorm) work. Raises RuntimeError where the kernel is
-    not `available()`.
+    not `available()`, ValueError for an `expand` without `input_affine` or of the wrong shape.
     """
     if not available():
         raise RuntimeError(
             f"{DEPTHWISE_TARGET} is not available here: see the warning, or {OPT_OUT}"
         )
-    return _depthwise(stride, relu6, x, kernel, mul, add, input_affine, residual)
+    if expand is not None and (
+        input_affine is None or expand.shape != (x.shape[-1], kernel.shape[-1])
+    ):
+        raise ValueError(
+            f"expand must be (C_in, C) = {(x.shape[-1], kernel.shape[-1])} and come with "
+            f"input_affine; got {expand.shape} and input_affine={input_affine is not None}"
+        )
+    return _depthwise(stride, relu6, x, kernel, mul, add, input_affine, residual, expand)
 
 
 def conv3x3_affine(
@@ -188,11 +198,13 @@ def conv3x3_affine(
 
 def reference_depthwise3x3_affine(
     stride: int, relu6: bool, x: Array, kernel: Array, mul: Array, add: Array,
-    input_affine: tuple[Array, Array] | None, residual: Array | None,
+    input_affine: tuple[Array, Array] | None, residual: Array | None, expand: Array | None = None,
 ) -> Array:  # fmt: skip
     """`depthwise3x3_affine` as XLA ops: the function its derivatives are taken from."""
     from ca_flax import layers
 
+    if expand is not None:
+        x = jnp.dot(x, expand)
     if input_affine is not None:
         x = layers.relu6(x * input_affine[0] + input_affine[1])
     y = layers.xla_conv(x, kernel, stride, depthwise=True) * mul + add
@@ -218,16 +230,19 @@ def _output(x: Array, stride: int, channels: int) -> jax.ShapeDtypeStruct:
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
-def _depthwise(stride, relu6, x, kernel, mul, add, input_affine, residual):  # noqa: ANN001, ANN202
-    c = x.shape[-1]
+def _depthwise(stride, relu6, x, kernel, mul, add, input_affine, residual, expand):  # noqa: ANN001, ANN202
+    c = kernel.shape[-1]
     call = jax.ffi.ffi_call(DEPTHWISE_TARGET, _output(x, stride, c), vmap_method="sequential")
     f32 = jnp.float32
     in_mul, in_add = input_affine if input_affine is not None else (mul, add)  # unread if None
+    # The kernel takes the input BatchNorm's scale folded into the expanding matrix.
+    expand = jnp.zeros((0, 0), f32) if expand is None else (expand * in_mul).astype(f32)
     no_residual = jnp.zeros((0, 0, 0, 0), f32)
     return call(
         x.astype(f32),
         kernel.reshape(9, c).astype(f32),
         *(v.astype(f32) for v in (mul, add, in_mul, in_add)),
+        expand,
         no_residual if residual is None else residual.astype(f32),
         stride=np.int64(stride),
         relu6=relu6,

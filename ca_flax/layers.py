@@ -296,8 +296,11 @@ class DepthwiseConv3x3(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, fused: dict[str, Any] | None = None) -> Array:
-        kernel = self.param("kernel", conv_init, (3, 3, 1, x.shape[-1]), jnp.float32)
+    def __call__(
+        self, x: Array, fused: dict[str, Any] | None = None, channels: int | None = None
+    ) -> Array:
+        """The conv of `x`; `channels` (default: `x`'s) when `fused` expands `x` first."""
+        kernel = self.param("kernel", conv_init, (3, 3, 1, channels or x.shape[-1]), jnp.float32)
         if fused is not None:
             return cpu_kernels.depthwise3x3_affine(x, kernel, stride=self.stride, **fused)
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
@@ -319,8 +322,12 @@ class Conv1x1(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, as_matrix: bool = False) -> Array:
+        """`x` through the conv; or, `as_matrix`, the (in, out) weight matrix alone (for a
+        kernel that applies it itself; `x` is then read for its channel count only)."""
         kernel = self.param("kernel", conv_init, (1, 1, x.shape[-1], self.features), jnp.float32)
+        if as_matrix:
+            return kernel[0, 0]
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         if active_conv_formulation() == "xla":
             y = xla_conv(x, kernel)
@@ -359,6 +366,13 @@ class Conv3x3(nn.Module):
         if active_conv_formulation() == "xla":
             return xla_conv(x, kernel, self.stride)
         return conv3x3_im2col(x, kernel, self.stride)
+
+
+# The 1x1 conv goes into the depthwise kernel (`Sequential.expand_depthwise_bn`) on images of at
+# least 28x28: there its wide output left the 2 MB L2 of the Xeon measured, and spread inference
+# ran +12-14% (mobilenetv2_ca, mobilenext) against +6-11% fusing at every size, where on 14x14 and
+# 7x7 XLA's matmul (YNNPACK) is the faster 1x1 conv.
+FUSED_EXPAND_MIN_PIXELS = 28 * 28
 
 
 def may_fuse(module: nn.Module) -> bool:
@@ -411,19 +425,57 @@ class Sequential:
             y = self.bn(self.depthwise(x, stride))
             y = self.act(y) if relu6 else y
             return y if residual is None else residual + y
+        return self._fused_depthwise(x, stride, relu6, input_bn_relu6, residual)
+
+    def expand_depthwise_bn(
+        self,
+        x: Array,
+        features: int,
+        stride: int = 1,
+        relu6: bool = True,
+        residual: Array | None = None,
+    ) -> Array:
+        """1x1 conv to `features` -> BatchNorm -> ReLU6 -> depthwise 3x3 -> BatchNorm [-> ReLU6]
+        [+ residual]: the wide half of an inverted-residual or sandglass block.
+
+        In float32 CPU inference on images of at least `FUSED_EXPAND_MIN_PIXELS` one kernel does
+        it all, the 1x1 conv included, so the `features`-wide tensor is never written
+        (`cpu_kernels.depthwise3x3_affine`'s `expand`); smaller ones fuse from the BatchNorm on
+        (`depthwise_bn`). The parameters and their names are the same either way.
+        """
+        small = math.prod(x.shape[1:-1]) < FUSED_EXPAND_MIN_PIXELS
+        if small or not (self.fuse and cpu_kernel_inference(x, self.train, self.dtype)):
+            return self.depthwise_bn(self.pointwise(x, features), stride, relu6, True, residual)
+        expand = Conv1x1(features, dtype=self.dtype, name=self._name())(x, as_matrix=True)
+        wide = jax.ShapeDtypeStruct((*x.shape[:-1], features), x.dtype)
+        return self._fused_depthwise(wide, stride, relu6, True, residual, x, expand)
+
+    def _fused_depthwise(
+        self,
+        x: Array | jax.ShapeDtypeStruct,
+        stride: int,
+        relu6: bool,
+        input_bn_relu6: bool,
+        residual: Array | None,
+        narrow: Array | None = None,
+        expand: Array | None = None,
+    ) -> Array:
+        """`depthwise_bn` as one kernel call on `x`; or, given `expand`, on `narrow @ expand`
+        (`x` then only tells the wide shape)."""
+        channels = x.shape[-1]
         input_affine = None
         if input_bn_relu6:
-            input_affine = self.bn_affine(x.shape[-1])
+            input_affine = self.bn_affine(channels)
             self.index += 1  # its ReLU6
         conv = DepthwiseConv3x3(stride, self.dtype, name=self._name())
-        mul, add = self.bn_affine(x.shape[-1])
+        mul, add = self.bn_affine(channels)
         if relu6:
             self.index += 1
-        return conv(
-            x,
-            {"mul": mul, "add": add, "relu6": relu6, "input_affine": input_affine,
-             "residual": residual},
-        )  # fmt: skip
+        fused = {"mul": mul, "add": add, "relu6": relu6, "input_affine": input_affine,
+                 "residual": residual}  # fmt: skip
+        if expand is not None:
+            return conv(narrow, {**fused, "expand": expand}, channels=channels)
+        return conv(x, fused)
 
     def bn_affine(self, channels: int) -> tuple[Array, Array]:
         """The next BatchNorm's inference `(mul, add)` for `channels`, left to a kernel."""

@@ -67,7 +67,7 @@ class InvertedResidual(nn.Module):
             y = seq.depthwise_bn(y, self.stride)
         else:
             hidden = round(self.in_channels * self.expansion)
-            y = seq.depthwise_bn(seq.pointwise(y, hidden), self.stride, input_bn_relu6=True)
+            y = seq.expand_depthwise_bn(y, hidden, self.stride)
             attention = attention_factory(self.attention, self.in_channels, self.dtype)
             if attention is not None:
                 y = seq.module(attention, y)

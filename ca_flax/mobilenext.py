@@ -66,12 +66,11 @@ class SandGlass(nn.Module):
             if attention is not None:
                 y = seq.module(attention, y)
         y = seq.bn(seq.pointwise(y, hidden))
-        y = seq.pointwise(y, self.out_channels)
         identity = self.in_channels == self.out_channels and self.stride == 1 and not self.keep_3x3
         residual = x if identity else None
         if full or self.stride == 2:
-            return seq.depthwise_bn(y, self.stride, False, input_bn_relu6=True, residual=residual)
-        y = seq.act(seq.bn(y))
+            return seq.expand_depthwise_bn(y, self.out_channels, self.stride, False, residual)
+        y = seq.act(seq.bn(seq.pointwise(y, self.out_channels)))
         return y if residual is None else x + y
 
 

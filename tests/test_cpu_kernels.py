@@ -15,7 +15,7 @@ import pytest
 from tiny_models import random_variables
 
 import ca_flax
-from ca_flax import cpu_kernels
+from ca_flax import cpu_kernels, layers
 from ca_flax.layers import conv3x3_im2col, conv_formulation, depthwise_conv3x3, relu6
 
 
@@ -80,6 +80,48 @@ def test_depthwise_kernel_matches_xla_loops(shape, stride):
 
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize(
+    ("shape", "channels"),
+    [((2, 9, 19, 5), 48), ((1, 6, 7, 16), 27), ((1, 3, 1, 1), 8), ((1, 4, 14, 12), 16)],
+    ids=["8+3px_16+16+16lanes", "7px_16+8+3lanes", "one_pixel_K1", "8+6px"],
+)
+def test_depthwise_kernel_with_expand_matches_xla_loops(shape, channels, stride):
+    """The 1x1 conv inside the kernel (`expand`): every pixel step (8, then the 1-7 left) and
+    lane group, with and without ReLU6 after and a residual, against float64 XLA loops."""
+    rng = np.random.default_rng(sum(shape) + channels + stride)
+    x = rng.normal(0, 1, shape).astype(np.float32)
+    expand = rng.normal(0, 1, (shape[-1], channels)).astype(np.float32)
+    kernel = rng.normal(0, 1, (3, 3, 1, channels)).astype(np.float32)
+    mul, add, in_mul, in_add = (rng.normal(0, 2, channels).astype(np.float32) for _ in range(4))
+    out_shape = (shape[0], (shape[1] - 1) // stride + 1, (shape[2] - 1) // stride + 1, channels)
+    res = rng.normal(0, 1, out_shape).astype(np.float32)
+    with jax.enable_x64():
+        wide = np.asarray(jnp.dot(jnp.asarray(x, jnp.float64), jnp.asarray(expand, jnp.float64)))
+    for relu6_out, residual in ((True, None), (False, res)):
+        run = partial(
+            cpu_kernels.depthwise3x3_affine, stride=stride, relu6=relu6_out,
+            input_affine=(in_mul, in_add), residual=residual, expand=expand,
+        )  # fmt: skip
+        got = jax.jit(run)(x, kernel, mul, add)
+        want = reference(wide, kernel, mul, add, stride, relu6_out, (in_mul, in_add), residual)
+        assert got.shape == want.shape == out_shape and got.dtype == jnp.float32
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4, err_msg=f"relu6={relu6_out}")
+    pre = wide * in_mul + in_add
+    assert np.any(pre < 0) and np.any(pre > 6)  # the input ReLU6 clipped on both sides
+
+
+def test_expand_needs_its_batchnorm_and_the_right_shape():
+    """`expand` without the input BatchNorm + ReLU6, or of another shape, is refused by name."""
+    x, kernel, vec = jnp.ones((1, 4, 4, 3)), jnp.ones((3, 3, 1, 8)), jnp.ones(8)
+    with pytest.raises(ValueError, match="expand must be"):
+        cpu_kernels.depthwise3x3_affine(x, kernel, vec, vec, 1, True, expand=jnp.ones((3, 8)))
+    with pytest.raises(ValueError, match=r"\(3, 8\)"):
+        cpu_kernels.depthwise3x3_affine(
+            x, kernel, vec, vec, 1, True, input_affine=(vec, vec), expand=jnp.ones((4, 8))
+        )
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize(
     ("shape", "out_channels"),
     [((2, 9, 37, 3), 32), ((1, 7, 13, 5), 27), ((1, 1, 2, 1), 48), ((1, 3, 1, 3), 16)],
     ids=["stem_8+4+1px", "16+8+3lanes", "tiny_32+16", "one_pixel_wide"],
@@ -109,11 +151,25 @@ def count_kernel_calls(fn, *args, target: str = cpu_kernels.DEPTHWISE_TARGET) ->
     return jax.jit(lambda *a: fn(*a)).lower(*args).as_text().count(target)
 
 
+def count_expanding_calls(fn, *args) -> int:  # noqa: ANN001
+    """Depthwise kernel calls in `fn`'s program that run the 1x1 conv before them (their
+    `expand` operand is not the empty placeholder)."""
+    text = jax.jit(lambda *a: fn(*a)).lower(*args).as_text()
+    calls = [line for line in text.splitlines() if cpu_kernels.DEPTHWISE_TARGET in line]
+    return sum("tensor<0x0xf32>" not in line for line in calls)
+
+
+@pytest.mark.parametrize("expand_from", [0, None], ids=["expand_everywhere", "expand_default"])
 @pytest.mark.parametrize("name", ["mobilenetv2_ca", "mobilenext"])
-def test_models_use_the_kernel_in_cpu_inference_with_the_same_logits(name):
+def test_models_use_the_kernel_in_cpu_inference_with_the_same_logits(
+    name, expand_from, monkeypatch
+):
     """Every depthwise + BatchNorm (+ ReLU6) of a float32 CPU inference is one kernel call, so is
-    the stem, and the logits equal XLA's loops'; training, 'xla' convolutions and bf16 keep
-    XLA's loops."""
+    the stem, and the logits equal XLA's loops'; with the 1x1 conv before it inside the kernel on
+    images of FUSED_EXPAND_MIN_PIXELS (here: all, or the default, which these small images are
+    under). Training, 'xla' convolutions and bf16 keep XLA's loops."""
+    if expand_from is not None:
+        monkeypatch.setattr(layers, "FUSED_EXPAND_MIN_PIXELS", expand_from)
     model = ca_flax.create_model(name, num_classes=7, width_mult=0.35)
     x = jax.random.normal(jax.random.key(0), (4, 32, 40, 3))
     variables = random_variables(model)
@@ -121,14 +177,12 @@ def test_models_use_the_kernel_in_cpu_inference_with_the_same_logits(name):
     kernels = jax.tree_util.tree_leaves(variables["params"])
     depthwise = sum(k.ndim == 4 and k.shape[:3] == (3, 3, 1) for k in kernels)
     assert count_kernel_calls(infer, variables, x) == depthwise > 0
-    assert count_kernel_calls(infer, variables, x, target=cpu_kernels.CONV_TARGET) == 1
-    with cpu_kernels.use_kernels(False):
-        assert count_kernel_calls(infer, variables, x) == 0
-        assert count_kernel_calls(infer, variables, x, target=cpu_kernels.CONV_TARGET) == 0
-        plain = jax.jit(lambda v, x: infer(v, x))(variables, x)
-    fused = jax.jit(infer)(variables, x)
-    np.testing.assert_allclose(fused, plain, rtol=1e-4, atol=1e-4)
-    assert float(jnp.std(plain)) > 0.1  # O(1) logits: a wrong layer would show
+    # A 1x1 conv goes in before a depthwise in every block but mobilenetv2's first (17 blocks)
+    # and the two of mobilenext's 20 that widen at stride 1 (no 3x3 after their 1x1 convs).
+    expanding = {"mobilenetv2_ca": 16, "mobilenext": 18}[name] if expand_from == 0 else 0
+    assert count_expanding_calls(infer, variables, x) == expanding
+    if expand_from is None:  # at 64x64 the stride-2 block at 32x32 (over 28x28) takes it in
+        assert count_expanding_calls(infer, variables, jnp.zeros((1, 64, 64, 3))) == 1
 
     train = partial(
         model.apply, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(1)}
@@ -144,9 +198,11 @@ def test_models_use_the_kernel_in_cpu_inference_with_the_same_logits(name):
 
 
 @pytest.mark.parametrize("name", ["mobilenetv2_ca", "mobilenext"])
-def test_gradients_through_inference_match_xla_loops(name):
+def test_gradients_through_inference_match_xla_loops(name, monkeypatch):
     """The kernels take their derivatives from XLA's form of the same layers, so gradients of
-    inference (saliency maps, frozen BatchNorm) work and equal those without the kernels."""
+    inference (saliency maps, frozen BatchNorm) work and equal those without the kernels; the
+    1x1 convs inside the kernel (all of them here) included."""
+    monkeypatch.setattr(layers, "FUSED_EXPAND_MIN_PIXELS", 0)
     model = ca_flax.create_model(name, num_classes=7, width_mult=0.35)
     x = jax.random.normal(jax.random.key(0), (2, 32, 40, 3))
     variables = random_variables(model)

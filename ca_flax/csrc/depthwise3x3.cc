@@ -7,6 +7,10 @@
 // the 1x1 convolution that feeds the layer) and x otherwise, act is ReLU6 when `relu6`, and
 // `residual` (the block's input) is added when given. XLA:CPU would run these as separate
 // elementwise passes over padded copies; here each output vector of channels is written once.
+// Given `expand` (K x C), x has K channels and pre(x) = ReLU6(x @ expand + in_add) (the 1x1
+// conv itself, its BatchNorm's scale folded into `expand`): the C-wide tensor, 4.8 MB per image
+// in the networks' first blocks, is then never written, each input row being expanded into the
+// ring as it is needed (8 pixels at a time, their inputs broadcast against a row of weights).
 //
 // The work goes one group of 16 (then 8, then single; 8 first without AVX-512) channels at a
 // time through a whole image:
@@ -33,6 +37,8 @@ struct Layer {
   const float* in_mul;  // null: no input BatchNorm + ReLU6
   const float* in_add;
   bool relu6;
+  int64_t in_channels = 0;  // of the input: `channels`, or K for `expand`
+  const float* expand = nullptr;  // (K, C), the input BatchNorm's scale folded in; null: none
 };
 
 // The three input rows one output row needs, for one group of channels: each row is
@@ -52,7 +58,7 @@ class RowRing {
 
   // Start on channels [c0, c0 + kLanes<V>) of `image`, holding no rows yet.
   void Start(const float* image, int64_t c0) {
-    image_ = image + c0;
+    image_ = l_.expand == nullptr ? image + c0 : image;
     c0_ = c0;
     next_ = -1;
   }
@@ -64,7 +70,12 @@ class RowRing {
       if (next_ < 0 || next_ >= l_.height) {
         std::fill(row, row + l_.width * kLanes<V>, 0.0f);
       } else {
-        Convert(image_ + next_ * l_.width * l_.channels, row);
+        const float* in = image_ + next_ * l_.width * l_.in_channels;
+        if (l_.expand == nullptr) {
+          Convert(in, row);
+        } else {
+          Expand(in, row);
+        }
       }
     }
   }
@@ -82,6 +93,39 @@ class RowRing {
     for (int64_t p = 0; p < l_.width; ++p) {
       Store<V>(out + p * kLanes<V>, Relu6(Load<V>(in + p * C) * mul + add));
     }
+  }
+
+  // relu6(in @ expand[:, group] + in_add) for each pixel of a row of K-channel inputs: the
+  // expanding 1x1 conv with its BatchNorm and ReLU6, so the wide tensor is never written. Each
+  // step broadcasts the inputs of kPixels pixels against one row of weights.
+  void Expand(const float* in, float* out) const {
+    constexpr int kPixels = 8;
+    int64_t p = 0;
+    for (; p + kPixels <= l_.width; p += kPixels) ExpandPixels<kPixels>(in, p, out);
+    // The rest as one step: a step of one pixel would wait on a single chain of FMAs.
+    switch (l_.width - p) {
+      case 7: return ExpandPixels<7>(in, p, out);
+      case 6: return ExpandPixels<6>(in, p, out);
+      case 5: return ExpandPixels<5>(in, p, out);
+      case 4: return ExpandPixels<4>(in, p, out);
+      case 3: return ExpandPixels<3>(in, p, out);
+      case 2: return ExpandPixels<2>(in, p, out);
+      case 1: return ExpandPixels<1>(in, p, out);
+    }
+  }
+
+  template <int kPixels>
+  void ExpandPixels(const float* in, int64_t p, float* out) const {
+    const int64_t K = l_.in_channels, C = l_.channels;
+    const float* x = in + p * K;
+    const float* w = l_.expand + c0_;
+    V acc[kPixels];
+    for (int j = 0; j < kPixels; ++j) acc[j] = Load<V>(l_.in_add + c0_);
+    for (int64_t k = 0; k < K; ++k, w += C) {
+      const V weights = Load<V>(w);
+      for (int j = 0; j < kPixels; ++j) acc[j] += weights * x[j * K + k];
+    }
+    for (int j = 0; j < kPixels; ++j) Store<V>(out + (p + j) * kLanes<V>, Relu6(acc[j]));
   }
 
   const Layer& l_;
@@ -154,7 +198,7 @@ void Group(const Layer& l, RowRing<V>& ring, const float* image, int64_t c0,
 
 template <int kStride, bool kRelu6, bool kResidual>
 void Depthwise(const Layer& l, int64_t batch, const float* x, const float* residual, float* y) {
-  const int64_t C = l.channels, in_image = l.height * l.width * C;
+  const int64_t C = l.channels, in_image = l.height * l.width * l.in_channels;
   const int64_t out_image = l.out_height * l.out_width * C;
   RowRing<f32x16> ring16(l);
   RowRing<f32x8> ring8(l);
@@ -189,15 +233,26 @@ void Dispatch(const Layer& l, int64_t batch, const float* x, const float* residu
 }
 
 ffi::Error Depthwise3x3(Tensor4 x, Matrix taps, Vector mul, Vector add, Vector in_mul,
-                        Vector in_add, Tensor4 residual, ffi::Result<Tensor4> y, int64_t stride,
-                        bool relu6, bool input_bn_relu6) {
+                        Vector in_add, Matrix expand, Tensor4 residual, ffi::Result<Tensor4> y,
+                        int64_t stride, bool relu6, bool input_bn_relu6) {
   if (stride != 1 && stride != 2) return ffi::Error::InvalidArgument("stride must be 1 or 2");
   const auto d = x.dimensions();
-  const int64_t C = d[3];
-  const Layer l{d[1], d[2], C, Strided(d[1], stride), Strided(d[2], stride),
-                taps.typed_data(), mul.typed_data(), add.typed_data(),
-                input_bn_relu6 ? in_mul.typed_data() : nullptr, in_add.typed_data(), relu6};
-  if (taps.dimensions()[0] != 9 || taps.dimensions()[1] != C || mul.dimensions()[0] != C ||
+  const int64_t C = taps.dimensions()[1];
+  const bool has_expand = expand.element_count() > 0;
+  Layer l{d[1], d[2], C, Strided(d[1], stride), Strided(d[2], stride),
+          taps.typed_data(), mul.typed_data(), add.typed_data(),
+          input_bn_relu6 ? in_mul.typed_data() : nullptr, in_add.typed_data(), relu6};
+  l.in_channels = d[3];
+  if (has_expand) {
+    if (!input_bn_relu6 || expand.dimensions()[0] != d[3] || expand.dimensions()[1] != C) {
+      return ffi::Error::InvalidArgument(
+          "expand must be (C_in, C) for C_in input channels, with the input BatchNorm + ReLU6");
+    }
+    l.expand = expand.typed_data();
+  } else if (d[3] != C) {
+    return ffi::Error::InvalidArgument("taps must be (9, C) for C input channels");
+  }
+  if (taps.dimensions()[0] != 9 || mul.dimensions()[0] != C ||
       add.dimensions()[0] != C ||
       (input_bn_relu6 && (in_mul.dimensions()[0] != C || in_add.dimensions()[0] != C))) {
     return ffi::Error::InvalidArgument("taps must be (9, C) and mul, add (C,) for C channels");
@@ -226,6 +281,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CaFlaxDepthwise3x3, Depthwise3x3,
                                   .Arg<Vector>()   // add
                                   .Arg<Vector>()   // in_mul
                                   .Arg<Vector>()   // in_add
+                                  .Arg<Matrix>()   // expand, or empty
                                   .Arg<Tensor4>()  // residual, or empty
                                   .Ret<Tensor4>()
                                   .Attr<int64_t>("stride")

@@ -51,12 +51,12 @@ VARIANTS = {  # (ReLU6 after, BatchNorm + ReLU6 before, residual)
 @pytest.mark.parametrize(
     "shape",
     [(2, 9, 13, 48), (1, 8, 8, 27), (3, 1, 5, 8), (1, 2, 1, 3), (2, 15, 6, 40)],
-    ids=["vectors16", "16+8+3lanes", "one_row", "tiny", "16+16+8"],
+    ids=["32+16lanes", "16+8+3lanes", "one_row", "tiny", "32+8lanes"],
 )
 def test_depthwise_kernel_matches_xla_loops(shape, stride):
-    """Every code path (16- and 8-lane vectors, single lanes, blocked and leftover columns,
-    odd sizes, a one-pixel-wide image, several images) and every fused variant against
-    float64 nine-tap sums."""
+    """Every code path (groups of two 16-lane vectors, one, 8 lanes, single lanes, blocked and
+    leftover columns, odd sizes, a one-pixel-wide image, several images) and every fused variant
+    against float64 nine-tap sums."""
     rng = np.random.default_rng(sum(shape) + stride)
     c = shape[-1]
     x = rng.normal(0, 2, shape).astype(np.float32)
@@ -82,7 +82,7 @@ def test_depthwise_kernel_matches_xla_loops(shape, stride):
 @pytest.mark.parametrize(
     ("shape", "channels"),
     [((2, 9, 19, 5), 48), ((1, 6, 7, 16), 27), ((1, 3, 1, 1), 8), ((1, 4, 14, 12), 16)],
-    ids=["8+3px_16+16+16lanes", "7px_16+8+3lanes", "one_pixel_K1", "8+6px"],
+    ids=["8+3px_32+16lanes", "7px_16+8+3lanes", "one_pixel_K1", "8+6px"],
 )
 def test_depthwise_kernel_with_expand_matches_xla_loops(shape, channels, stride):
     """The 1x1 conv inside the kernel (`expand`): every pixel step (8, then the 1-7 left) and

@@ -12,13 +12,16 @@
 // in the networks' first blocks, is then never written, each input row being expanded into the
 // ring as it is needed (8 pixels at a time, their inputs broadcast against a row of weights).
 //
-// The work goes one group of 16 (then 8, then single; 8 first without AVX-512) channels at a
+// The work goes one group of 32 (then 16, 8, single; 8 first without AVX-512) channels at a
 // time through a whole image:
 // the group's input rows go once through `pre` into a zero-bordered ring of three rows that is
 // a few KB (it stays in L1 however many channels the layer has), and each step computes a few
-// neighbouring output pixels whose windows share input columns, with the nine tap vectors in
-// registers. Measured on one Zen 5 core against a row-at-a-time order over all channels, whose
-// ring outgrew L1 on the wide layers: 0.81 against 1.24 ms over twelve of the networks' layers.
+// neighbouring output pixels of one vector of channels whose windows share input columns, with
+// the nine tap vectors in registers. Measured on one Zen 5 core against a row-at-a-time order
+// over all channels, whose ring outgrew L1 on the wide layers: 0.81 against 1.24 ms over twelve
+// of the networks' layers (groups of 16 then). Groups of two vectors rather than one: the
+// `expand` step does 16 FMAs per 10 loads instead of 8 per 9, and on one core of the 2-core
+// Xeon measured the fused layers ran 10-25% faster, the plain ones 10-20%.
 #include <algorithm>
 #include <cstdint>
 #include <vector>
@@ -41,22 +44,25 @@ struct Layer {
   const float* expand = nullptr;  // (K, C), the input BatchNorm's scale folded in; null: none
 };
 
-// The three input rows one output row needs, for one group of channels: each row is
-// `width + 2` pixels of kLanes<V> contiguous channels with a zero pixel at both ends, and a
-// row outside the image is all zeros. Row `ih` lives in slot (ih + 1) % 3.
-template <typename V>
+// The three input rows one output row needs, for one group of kSub vectors of channels: each
+// row holds, per vector, `width + 2` pixels of kLanes<V> contiguous channels with a zero pixel
+// at both ends, and a row outside the image is all zeros. Row `ih` lives in slot (ih + 1) % 3.
+template <typename V, int kSub>
 class RowRing {
  public:
-  // Slots start on 64-byte boundaries (as XLA's buffers do): a 16-lane load that straddled two
+  static constexpr int64_t L = kLanes<V>;
+  static constexpr int64_t kChannels = kSub * L;
+
+  // Rows start on 64-byte boundaries (as XLA's buffers do): a 16-lane load that straddled two
   // cache lines would cost two.
   explicit RowRing(const Layer& l)
-      : l_(l), stride_(((l.width + 2) * kLanes<V> + 15) / 16 * 16), storage_(3 * stride_ + 16) {
+      : l_(l), stride_(((l.width + 2) * L + 15) / 16 * 16), storage_(3 * kSub * stride_ + 16) {
     const auto address = reinterpret_cast<std::uintptr_t>(storage_.data());
     data_ = storage_.data() + (-address / sizeof(float)) % 16;
     std::fill(storage_.begin(), storage_.end(), 0.0f);
   }
 
-  // Start on channels [c0, c0 + kLanes<V>) of `image`, holding no rows yet.
+  // Start on channels [c0, c0 + kChannels) of `image`, holding no rows yet.
   void Start(const float* image, int64_t c0) {
     image_ = l_.expand == nullptr ? image + c0 : image;
     c0_ = c0;
@@ -66,9 +72,11 @@ class RowRing {
   // Fill the slots up to input row `last`; rows are asked for in increasing order.
   void Hold(int64_t last) {
     for (; next_ <= last; ++next_) {
-      float* row = data_ + ((next_ + 1) % 3) * stride_ + kLanes<V>;  // past the left zero pixel
+      float* row = data_ + ((next_ + 1) % 3) * kSub * stride_ + L;  // past the left zero pixel
       if (next_ < 0 || next_ >= l_.height) {
-        std::fill(row, row + l_.width * kLanes<V>, 0.0f);
+        for (int s = 0; s < kSub; ++s) {
+          std::fill(row + s * stride_, row + s * stride_ + l_.width * L, 0.0f);
+        }
       } else {
         const float* in = image_ + next_ * l_.width * l_.in_channels;
         if (l_.expand == nullptr) {
@@ -80,24 +88,32 @@ class RowRing {
     }
   }
 
-  const float* Row(int64_t ih) const { return data_ + ((ih + 1) % 3) * stride_; }
+  // Vector `s` of the group's row `ih`, from its left zero pixel.
+  const float* Row(int64_t ih, int s) const {
+    return data_ + (((ih + 1) % 3) * kSub + s) * stride_;
+  }
 
  private:
   void Convert(const float* in, float* out) const {
     const int64_t C = l_.channels;
-    if (l_.in_mul == nullptr) {
-      for (int64_t p = 0; p < l_.width; ++p) Store<V>(out + p * kLanes<V>, Load<V>(in + p * C));
-      return;
-    }
-    const V mul = Load<V>(l_.in_mul + c0_), add = Load<V>(l_.in_add + c0_);
-    for (int64_t p = 0; p < l_.width; ++p) {
-      Store<V>(out + p * kLanes<V>, Relu6(Load<V>(in + p * C) * mul + add));
+    for (int s = 0; s < kSub; ++s) {
+      const float* x = in + s * L;
+      float* y = out + s * stride_;
+      if (l_.in_mul == nullptr) {
+        for (int64_t p = 0; p < l_.width; ++p) Store<V>(y + p * L, Load<V>(x + p * C));
+        continue;
+      }
+      const V mul = Load<V>(l_.in_mul + c0_ + s * L), add = Load<V>(l_.in_add + c0_ + s * L);
+      for (int64_t p = 0; p < l_.width; ++p) {
+        Store<V>(y + p * L, Relu6(Load<V>(x + p * C) * mul + add));
+      }
     }
   }
 
   // relu6(in @ expand[:, group] + in_add) for each pixel of a row of K-channel inputs: the
   // expanding 1x1 conv with its BatchNorm and ReLU6, so the wide tensor is never written. Each
-  // step broadcasts the inputs of kPixels pixels against one row of weights.
+  // step broadcasts the inputs of kPixels pixels against a row of kSub weight vectors: with two
+  // vectors, 16 FMAs per 10 loads, where one vector's 8 FMAs take 9 and wait on the loads.
   void Expand(const float* in, float* out) const {
     constexpr int kPixels = 8;
     int64_t p = 0;
@@ -119,17 +135,28 @@ class RowRing {
     const int64_t K = l_.in_channels, C = l_.channels;
     const float* x = in + p * K;
     const float* w = l_.expand + c0_;
-    V acc[kPixels];
-    for (int j = 0; j < kPixels; ++j) acc[j] = Load<V>(l_.in_add + c0_);
-    for (int64_t k = 0; k < K; ++k, w += C) {
-      const V weights = Load<V>(w);
-      for (int j = 0; j < kPixels; ++j) acc[j] += weights * x[j * K + k];
+    V acc[kPixels][kSub];
+    for (int s = 0; s < kSub; ++s) {
+      const V add = Load<V>(l_.in_add + c0_ + s * L);
+      for (int j = 0; j < kPixels; ++j) acc[j][s] = add;
     }
-    for (int j = 0; j < kPixels; ++j) Store<V>(out + (p + j) * kLanes<V>, Relu6(acc[j]));
+    for (int64_t k = 0; k < K; ++k, w += C) {
+      V weights[kSub];
+      for (int s = 0; s < kSub; ++s) weights[s] = Load<V>(w + s * L);
+      for (int j = 0; j < kPixels; ++j) {
+        const float value = x[j * K + k];
+        for (int s = 0; s < kSub; ++s) acc[j][s] += weights[s] * value;
+      }
+    }
+    for (int s = 0; s < kSub; ++s) {
+      for (int j = 0; j < kPixels; ++j) {
+        Store<V>(out + s * stride_ + (p + j) * L, Relu6(acc[j][s]));
+      }
+    }
   }
 
   const Layer& l_;
-  int64_t stride_;
+  int64_t stride_;  // floats from one vector's row to the next
   std::vector<float> storage_;
   float* data_;
   const float* image_ = nullptr;
@@ -165,34 +192,39 @@ inline void Block(const Layer& l, const float* const rows[3], const V w[9], V mu
   }
 }
 
-// Channels [c0, c0 + kLanes<V>) of one image, row by row through the group's ring.
-template <int kStride, bool kRelu6, bool kResidual, typename V>
-void Group(const Layer& l, RowRing<V>& ring, const float* image, int64_t c0,
+// Channels [c0, c0 + kSub * lanes) of one image, row by row through the group's ring, one
+// vector of channels after the other within each output row.
+template <int kStride, bool kRelu6, bool kResidual, typename V, int kSub>
+void Group(const Layer& l, RowRing<V, kSub>& ring, const float* image, int64_t c0,
            const float* __restrict residual, float* __restrict out) {
-  const int64_t C = l.channels, out_width = l.out_width;
-  V w[9];
-  for (int t = 0; t < 9; ++t) w[t] = Load<V>(l.taps + t * C + c0);
-  const V mul = Load<V>(l.mul + c0), add = Load<V>(l.add + c0);
-  ring.Start(image, c0);
+  constexpr int64_t L = kLanes<V>;
   constexpr int kBlock = kStride == 1 ? 4 : 2;
+  const int64_t C = l.channels, out_width = l.out_width;
+  ring.Start(image, c0);
   for (int64_t oh = 0; oh < l.out_height; ++oh) {
     ring.Hold(oh * kStride + 1);
-    const float* rows[3];
-    for (int k = 0; k < 3; ++k) rows[k] = ring.Row(oh * kStride - 1 + k);
-    const int64_t at = oh * out_width * C + c0;
-    const float* res = kResidual ? residual + at : nullptr;
-    float* o = out + at;
-    int64_t ow = 0;
-    for (; ow + kBlock <= out_width; ow += kBlock) {
-      Block<kBlock, kStride, kRelu6, kResidual>(l, rows, w, mul, add, ow, res, o);
-    }
-    if constexpr (kBlock == 4) {
-      if (ow + 2 <= out_width) {
-        Block<2, kStride, kRelu6, kResidual>(l, rows, w, mul, add, ow, res, o);
-        ow += 2;
+    for (int s = 0; s < kSub; ++s) {
+      const int64_t c = c0 + s * L;
+      V w[9];
+      for (int t = 0; t < 9; ++t) w[t] = Load<V>(l.taps + t * C + c);
+      const V mul = Load<V>(l.mul + c), add = Load<V>(l.add + c);
+      const float* rows[3];
+      for (int k = 0; k < 3; ++k) rows[k] = ring.Row(oh * kStride - 1 + k, s);
+      const int64_t at = oh * out_width * C + c;
+      const float* res = kResidual ? residual + at : nullptr;
+      float* o = out + at;
+      int64_t ow = 0;
+      for (; ow + kBlock <= out_width; ow += kBlock) {
+        Block<kBlock, kStride, kRelu6, kResidual>(l, rows, w, mul, add, ow, res, o);
       }
+      if constexpr (kBlock == 4) {
+        if (ow + 2 <= out_width) {
+          Block<2, kStride, kRelu6, kResidual>(l, rows, w, mul, add, ow, res, o);
+          ow += 2;
+        }
+      }
+      if (ow < out_width) Block<1, kStride, kRelu6, kResidual>(l, rows, w, mul, add, ow, res, o);
     }
-    if (ow < out_width) Block<1, kStride, kRelu6, kResidual>(l, rows, w, mul, add, ow, res, o);
   }
 }
 
@@ -200,15 +232,19 @@ template <int kStride, bool kRelu6, bool kResidual>
 void Depthwise(const Layer& l, int64_t batch, const float* x, const float* residual, float* y) {
   const int64_t C = l.channels, in_image = l.height * l.width * l.in_channels;
   const int64_t out_image = l.out_height * l.out_width * C;
-  RowRing<f32x16> ring16(l);
-  RowRing<f32x8> ring8(l);
-  RowRing<float> ring1(l);
+  RowRing<f32x16, 2> ring32(l);
+  RowRing<f32x16, 1> ring16(l);
+  RowRing<f32x8, 1> ring8(l);
+  RowRing<float, 1> ring1(l);
   for (int64_t n = 0; n < batch; ++n) {
     const float* image = x + n * in_image;
     const float* res = kResidual ? residual + n * out_image : nullptr;
     float* out = y + n * out_image;
     int64_t c0 = 0;
     if constexpr (kWide) {
+      for (; c0 + 32 <= C; c0 += 32) {
+        Group<kStride, kRelu6, kResidual>(l, ring32, image, c0, res, out);
+      }
       for (; c0 + 16 <= C; c0 += 16) {
         Group<kStride, kRelu6, kResidual>(l, ring16, image, c0, res, out);
       }

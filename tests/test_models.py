@@ -13,6 +13,7 @@ import pytest
 from tiny_models import random_variables
 
 import ca_flax
+from ca_flax import cpu_kernels
 from ca_flax.blocking import chunk_size
 from ca_flax.layers import (
     active_conv_formulation,
@@ -148,7 +149,7 @@ def test_coord_attention_gates_by_height_and_width():
     out, state = block.apply(variables, x, mutable=["intermediates"])
     a_h, a_w = state["intermediates"]["a_h"][0], state["intermediates"]["a_w"][0]
     assert a_h.shape == (2, 6, 1, 16) and a_w.shape == (2, 1, 10, 16)
-    np.testing.assert_array_equal(out, x * a_h * a_w)  # bitwise, through the CPU gate's cond
+    np.testing.assert_array_equal(out, x * a_h * a_w)  # bitwise, through the CPU gate kernel
     assert variables["params"]["conv1"]["kernel"].shape == (1, 1, 16, 8)  # mip = max(8, C // 32)
 
 
@@ -164,17 +165,23 @@ def test_coord_attention_gates_by_height_and_width():
 def test_cpu_inference_gates_are_their_own_computation(block, gates):
     """Under 'windows' at inference each attention gate (CBAM has two) runs inside a `cond`, so
     XLA:CPU reads the gated activation as written instead of re-running its producer (see
-    `apply_gates`); training and the 'xla' formulation keep the plain product."""
+    `apply_gates`), or, for CA where ca_flax's CPU kernels run, as the gate kernel (opaque to
+    XLA as well); training and the 'xla' formulation keep the plain product."""
     x = jax.random.normal(jax.random.key(0), (2, 6, 10, 16))
     variables = block().init(jax.random.key(1), x)
 
-    def conds(formulation: str, train: bool) -> int:
+    def program(formulation: str, train: bool) -> str:
         with conv_formulation(formulation):
             apply = partial(block().apply, variables, train=train, mutable=["batch_stats"])
-            return str(jax.make_jaxpr(apply)(x)).count("cond[")
+            return str(jax.make_jaxpr(apply)(x))
 
-    assert conds("windows", train=False) == gates
-    assert conds("windows", train=True) == conds("xla", train=False) == 0
+    kernel_gates = program("windows", train=False).count(cpu_kernels.GATE_TARGET)
+    assert kernel_gates == (block is ca_flax.CoordAttention)
+    assert program("windows", train=False).count("cond[") == gates - kernel_gates
+    with cpu_kernels.use_kernels(False):
+        assert program("windows", train=False).count("cond[") == gates
+    for text in (program("windows", train=True), program("xla", train=False)):
+        assert text.count("cond[") == text.count(cpu_kernels.GATE_TARGET) == 0
 
 
 def scan_depth(jaxpr: jax.extend.core.Jaxpr) -> int:

@@ -212,9 +212,8 @@ def coordinate_gate(x: Array, a_h: Array, a_w: Array) -> Array:
 @jax.custom_jvp
 def _gate(x, a_h, a_w):  # noqa: ANN001, ANN202
     f32 = jnp.float32
-    call = jax.ffi.ffi_call(
-        GATE_TARGET, jax.ShapeDtypeStruct(x.shape, f32), input_output_aliases={0: 0}
-    )
+    out = jax.ShapeDtypeStruct(x.shape, f32)
+    call = jax.ffi.ffi_call(GATE_TARGET, out, vmap_method="sequential", input_output_aliases={0: 0})
     return call(x.astype(f32), a_h.astype(f32), a_w.astype(f32))
 
 

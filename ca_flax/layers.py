@@ -369,9 +369,9 @@ class Conv3x3(nn.Module):
 
 
 # The 1x1 conv goes into the depthwise kernel (`Sequential.expand_depthwise_bn`) on images of at
-# least 28x28: there its wide output left the 2 MB L2 of the Xeon measured, and spread inference
-# ran +12-14% (mobilenetv2_ca, mobilenext) against +6-11% fusing at every size, where on 14x14 and
-# 7x7 XLA's matmul (YNNPACK) is the faster 1x1 conv.
+# least 28x28, where its wide output leaves the 2 MB L2 of the Xeon measured: spread inference
+# +12-14% (mobilenetv2_ca, mobilenext). On 14x14 and 7x7 XLA's matmul (YNNPACK) is as fast: fusing
+# from 14x14 or at every size ran level with this, and slower before the kernel's 32-channel groups.
 FUSED_EXPAND_MIN_PIXELS = 28 * 28
 
 
@@ -425,7 +425,7 @@ class Sequential:
             y = self.bn(self.depthwise(x, stride))
             y = self.act(y) if relu6 else y
             return y if residual is None else residual + y
-        return self._fused_depthwise(x, stride, relu6, input_bn_relu6, residual)
+        return self._fused_depthwise(x, x.shape[-1], stride, relu6, input_bn_relu6, residual)
 
     def expand_depthwise_bn(
         self,
@@ -447,22 +447,20 @@ class Sequential:
         if small or not (self.fuse and cpu_kernel_inference(x, self.train, self.dtype)):
             return self.depthwise_bn(self.pointwise(x, features), stride, relu6, True, residual)
         expand = Conv1x1(features, dtype=self.dtype, name=self._name())(x, as_matrix=True)
-        wide = jax.ShapeDtypeStruct((*x.shape[:-1], features), x.dtype)
-        return self._fused_depthwise(wide, stride, relu6, True, residual, x, expand)
+        return self._fused_depthwise(x, features, stride, relu6, True, residual, expand)
 
     def _fused_depthwise(
         self,
-        x: Array | jax.ShapeDtypeStruct,
+        x: Array,
+        channels: int,
         stride: int,
         relu6: bool,
         input_bn_relu6: bool,
         residual: Array | None,
-        narrow: Array | None = None,
         expand: Array | None = None,
     ) -> Array:
-        """`depthwise_bn` as one kernel call on `x`; or, given `expand`, on `narrow @ expand`
-        (`x` then only tells the wide shape)."""
-        channels = x.shape[-1]
+        """`depthwise_bn` on `channels` channels as one kernel call on `x`, or on `x @ expand`
+        given the 1x1 conv's `expand` matrix."""
         input_affine = None
         if input_bn_relu6:
             input_affine = self.bn_affine(channels)
@@ -474,8 +472,8 @@ class Sequential:
         fused = {"mul": mul, "add": add, "relu6": relu6, "input_affine": input_affine,
                  "residual": residual}  # fmt: skip
         if expand is not None:
-            return conv(narrow, {**fused, "expand": expand}, channels=channels)
-        return conv(x, fused)
+            fused["expand"] = expand
+        return conv(x, fused, channels=channels)
 
     def bn_affine(self, channels: int) -> tuple[Array, Array]:
         """The next BatchNorm's inference `(mul, add)` for `channels`, left to a kernel."""

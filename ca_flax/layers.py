@@ -470,9 +470,7 @@ class Sequential:
         if relu6:
             self.index += 1
         fused = {"mul": mul, "add": add, "relu6": relu6, "input_affine": input_affine,
-                 "residual": residual}  # fmt: skip
-        if expand is not None:
-            fused["expand"] = expand
+                 "residual": residual, "expand": expand}  # fmt: skip
         return conv(x, fused, channels=channels)
 
     def bn_affine(self, channels: int) -> tuple[Array, Array]:

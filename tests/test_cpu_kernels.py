@@ -177,15 +177,20 @@ def count_modules(params: dict, names: set[str]) -> int:
     return (set(params) == names) + sum(count_modules(v, names) for v in params.values())
 
 
+def program_text(fn, *args) -> str:  # noqa: ANN001
+    """`fn`'s lowered program, traced afresh (jit caches traces per function)."""
+    return jax.jit(lambda *a: fn(*a)).lower(*args).as_text()
+
+
 def count_kernel_calls(fn, *args, target: str = cpu_kernels.DEPTHWISE_TARGET) -> int:  # noqa: ANN001
-    """Calls of kernel `target` in `fn`'s program, traced afresh (jit caches traces per function)."""
-    return jax.jit(lambda *a: fn(*a)).lower(*args).as_text().count(target)
+    """Calls of kernel `target` in `fn`'s program."""
+    return program_text(fn, *args).count(target)
 
 
 def count_expanding_calls(fn, *args) -> int:  # noqa: ANN001
     """Depthwise kernel calls in `fn`'s program that run the 1x1 conv before them (their
     `expand` operand is not the empty placeholder)."""
-    text = jax.jit(lambda *a: fn(*a)).lower(*args).as_text()
+    text = program_text(fn, *args)
     calls = [line for line in text.splitlines() if cpu_kernels.DEPTHWISE_TARGET in line]
     return sum("tensor<0x0xf32>" not in line for line in calls)
 

@@ -51,7 +51,6 @@ template <typename V, int kSub>
 class RowRing {
  public:
   static constexpr int64_t L = kLanes<V>;
-  static constexpr int64_t kChannels = kSub * L;
 
   // Rows start on 64-byte boundaries (as XLA's buffers do): a 16-lane load that straddled two
   // cache lines would cost two.
@@ -62,7 +61,7 @@ class RowRing {
     std::fill(storage_.begin(), storage_.end(), 0.0f);
   }
 
-  // Start on channels [c0, c0 + kChannels) of `image`, holding no rows yet.
+  // Start on channels [c0, c0 + kSub * L) of `image`, holding no rows yet.
   void Start(const float* image, int64_t c0) {
     image_ = l_.expand == nullptr ? image + c0 : image;
     c0_ = c0;

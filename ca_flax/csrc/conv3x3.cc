@@ -30,8 +30,8 @@ struct Dense {
 
 // kPixels neighbouring outputs of one row from `ow`, channels [c0, c0 + kVecs * lanes of V).
 template <int kStride, bool kRelu6, int kPixels, int kVecs, typename V>
-inline void Pixels(const Dense& l, const float* const rows[3], int64_t ow, int64_t c0,
-                   float* __restrict out) {
+__attribute__((always_inline)) inline void Pixels(const Dense& l, const float* const rows[3],
+                                                  int64_t ow, int64_t c0, float* __restrict out) {
   constexpr int64_t L = kLanes<V>;
   const int64_t Ci = l.in_channels, Co = l.out_channels;
   V acc[kPixels][kVecs] = {};
@@ -41,17 +41,17 @@ inline void Pixels(const Dense& l, const float* const rows[3], int64_t ow, int64
       const float* w = l.taps + (ky * 3 + kx) * Ci * Co + c0;
       for (int64_t ci = 0; ci < Ci; ++ci, w += Co) {
         V tap[kVecs];
-        for (int v = 0; v < kVecs; ++v) tap[v] = Load<V>(w + v * L);
-        for (int p = 0; p < kPixels; ++p) {
+        CA_FLAX_UNROLL for (int v = 0; v < kVecs; ++v) tap[v] = Load<V>(w + v * L);
+        CA_FLAX_UNROLL for (int p = 0; p < kPixels; ++p) {
           const float value = in[p * kStride * Ci + ci];
-          for (int v = 0; v < kVecs; ++v) acc[p][v] += tap[v] * value;
+          CA_FLAX_UNROLL for (int v = 0; v < kVecs; ++v) acc[p][v] += tap[v] * value;
         }
       }
     }
   }
-  for (int v = 0; v < kVecs; ++v) {
+  CA_FLAX_UNROLL for (int v = 0; v < kVecs; ++v) {
     const V mul = Load<V>(l.mul + c0 + v * L), add = Load<V>(l.add + c0 + v * L);
-    for (int p = 0; p < kPixels; ++p) {
+    CA_FLAX_UNROLL for (int p = 0; p < kPixels; ++p) {
       V y = acc[p][v] * mul + add;
       if constexpr (kRelu6) y = Relu6(y);
       Store<V>(out + (ow + p) * Co + c0 + v * L, y);

@@ -130,25 +130,26 @@ class RowRing {
   }
 
   template <int kPixels>
-  void ExpandPixels(const float* in, int64_t p, float* out) const {
+  __attribute__((always_inline)) inline void ExpandPixels(const float* in, int64_t p,
+                                                          float* out) const {
     const int64_t K = l_.in_channels, C = l_.channels;
     const float* x = in + p * K;
     const float* w = l_.expand + c0_;
     V acc[kPixels][kSub];
-    for (int s = 0; s < kSub; ++s) {
+    CA_FLAX_UNROLL for (int s = 0; s < kSub; ++s) {
       const V add = Load<V>(l_.in_add + c0_ + s * L);
-      for (int j = 0; j < kPixels; ++j) acc[j][s] = add;
+      CA_FLAX_UNROLL for (int j = 0; j < kPixels; ++j) acc[j][s] = add;
     }
     for (int64_t k = 0; k < K; ++k, w += C) {
       V weights[kSub];
-      for (int s = 0; s < kSub; ++s) weights[s] = Load<V>(w + s * L);
-      for (int j = 0; j < kPixels; ++j) {
+      CA_FLAX_UNROLL for (int s = 0; s < kSub; ++s) weights[s] = Load<V>(w + s * L);
+      CA_FLAX_UNROLL for (int j = 0; j < kPixels; ++j) {
         const float value = x[j * K + k];
-        for (int s = 0; s < kSub; ++s) acc[j][s] += weights[s] * value;
+        CA_FLAX_UNROLL for (int s = 0; s < kSub; ++s) acc[j][s] += weights[s] * value;
       }
     }
-    for (int s = 0; s < kSub; ++s) {
-      for (int j = 0; j < kPixels; ++j) {
+    CA_FLAX_UNROLL for (int s = 0; s < kSub; ++s) {
+      CA_FLAX_UNROLL for (int j = 0; j < kPixels; ++j) {
         Store<V>(out + s * stride_ + (p + j) * L, Relu6(acc[j][s]));
       }
     }

@@ -65,11 +65,12 @@ class SandGlass(nn.Module):
             attention = attention_factory(self.attention, hidden, self.dtype)
             if attention is not None:
                 y = seq.module(attention, y)
-        y = seq.bn(seq.pointwise(y, hidden))
         identity = self.in_channels == self.out_channels and self.stride == 1 and not self.keep_3x3
         residual = x if identity else None
         if full or self.stride == 2:
-            return seq.expand_depthwise_bn(y, self.out_channels, self.stride, False, residual)
+            out = self.out_channels
+            return seq.reduce_expand_depthwise_bn(y, hidden, out, self.stride, False, residual)
+        y = seq.bn(seq.pointwise(y, hidden))
         y = seq.act(seq.bn(seq.pointwise(y, self.out_channels)))
         return y if residual is None else x + y
 

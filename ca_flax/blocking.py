@@ -15,7 +15,9 @@ from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
+from ca_flax.image_slice import ImageSlice
 from ca_flax.layers import Array, strided
 
 # Chunk working sets up to this size ran best on the 2-core CPU measured (2 MB L2 per core).
@@ -27,7 +29,7 @@ class Chain(nn.Module):
 
     layers: tuple[nn.Module, ...]
 
-    def __call__(self, x: Array, train: bool) -> Array:
+    def __call__(self, x: Array | ImageSlice, train: bool) -> Array:
         for layer in self.layers:
             x = layer(x, train)
         return x
@@ -51,19 +53,24 @@ def chunk_size(batch: int, bytes_per_image: int, budget_mb: float) -> int:
     return max(fits, default=1)
 
 
-def run_chunked(module: nn.Module, x: Array, chunk: int) -> Array:
-    """`module(x, train=False)` computed `chunk` images at a time, sequentially."""
+def run_chunked(module: nn.Module, x: Array | ImageSlice, chunk: int) -> Array:
+    """`module(x, train=False)` computed `chunk` images at a time, sequentially; an `ImageSlice`
+    is handed down as slices of itself."""
     n = x.shape[0]
 
     def body(module: nn.Module, carry: None, xs: Array) -> tuple[None, Array]:
-        return carry, module(xs, False)
+        return carry, module(x.part(xs, chunk) if isinstance(x, ImageSlice) else xs, False)
 
     scan = nn.scan(
         body,
         variable_broadcast=["params", "batch_stats"],
         split_rngs={"params": False, "dropout": False},
     )
-    _, y = scan(module, None, x.reshape(n // chunk, chunk, *x.shape[1:]))
+    if isinstance(x, ImageSlice):
+        xs = jnp.arange(n // chunk, dtype=jnp.int32)
+    else:
+        xs = x.reshape(n // chunk, chunk, *x.shape[1:])
+    _, y = scan(module, None, xs)
     return y.reshape(n, *y.shape[2:])
 
 
@@ -86,12 +93,15 @@ class Blocked(nn.Module):
     budget_mb: float
 
     @nn.compact
-    def __call__(self, x: Array, train: bool) -> Array:
+    def __call__(self, x: Array | ImageSlice, train: bool) -> Array:
         return run_blocked(self.layers, self.image_bytes, x, self.budget_mb)
 
 
 def run_blocked(
-    layers: Sequence[nn.Module], image_bytes: Sequence[int], x: Array, budget_mb: float
+    layers: Sequence[nn.Module],
+    image_bytes: Sequence[int],
+    x: Array | ImageSlice,
+    budget_mb: float,
 ) -> Array:
     """Inference through `layers` (working sets per image `image_bytes`), blocked in cache.
 
@@ -117,8 +127,12 @@ def run_blocked(
 
 def run_layers(layers: Sequence[nn.Module], x: Array, train: bool, budget_mb: float) -> Array:
     """Apply `layers` in order; at inference cache-blocked (`run_blocked`) with working sets
-    from `bytes_per_image`. `budget_mb` 0 turns blocking off; an empty batch has nothing to block,
+    from `bytes_per_image`, the input handed down as an `ImageSlice` where the first layer
+    `reads_image_slices()` (only the first layer ever sees one). `budget_mb` 0 turns blocking off; an empty batch has nothing to block,
     and a symbolic batch (`jax.export` shape polymorphism) no chunk size to divide."""
     if train or budget_mb <= 0 or not isinstance(x.shape[0], int) or x.shape[0] == 0:
         return Chain(tuple(layers))(x, train)
-    return run_blocked(layers, bytes_per_image(layers, x), x, budget_mb)
+    sizes = bytes_per_image(layers, x)
+    if layers[0].reads_image_slices():
+        x = ImageSlice(x, jnp.int32(0), x.shape[0])
+    return run_blocked(layers, sizes, x, budget_mb)

@@ -184,19 +184,31 @@ def depthwise3x3_affine(
 
 
 def conv3x3_affine(
-    x: Array, kernel: Array, mul: Array, add: Array, stride: int, relu6: bool
+    x: Array,
+    kernel: Array,
+    mul: Array,
+    add: Array,
+    stride: int,
+    relu6: bool,
+    first: Array | int = 0,
+    count: int | None = None,
 ) -> Array:
     """`act(conv3x3(x, kernel, stride) * mul + add)` in one pass: a dense 3x3 convolution
     (padding 1, stride 1 or 2) with its BatchNorm folded in, `act` ReLU6 if `relu6`.
 
     Made for the networks' stem (3 input channels): XLA's form, nine slices concatenated and a
     thin matmul, took 2.3x as long on one core. float32 NHWC `x`, a (3, 3, C_in, C_out)
-    `kernel`, (C_out,) vectors. Derivatives come from XLA's form (`reference_conv3x3_affine`).
+    `kernel`, (C_out,) vectors. Given `count`, only images `x[first : first + count]` are
+    computed (`first` clamped as `lax.dynamic_slice` clamps), read where they lie: a chunk of
+    the batch without a copy. Derivatives come from XLA's form (`reference_conv3x3_affine`).
     Raises RuntimeError where it is not `available()`.
     """
     if not available():
         raise RuntimeError(f"{CONV_TARGET} is not available here: see the warning, or {OPT_OUT}")
-    return _conv(stride, relu6, x, kernel, mul, add)
+    count = x.shape[0] if count is None else count
+    if not 0 <= count <= x.shape[0]:
+        raise ValueError(f"count={count}: x holds {x.shape[0]} images")
+    return _conv(stride, relu6, count, x, jnp.asarray(first, jnp.int32), kernel, mul, add)
 
 
 def coordinate_gate(x: Array, a_h: Array, a_w: Array) -> Array:
@@ -280,13 +292,13 @@ def _depthwise(stride, relu6, x, kernel, mul, add, input_affine, residual, expan
     )
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
-def _conv(stride, relu6, x, kernel, mul, add):  # noqa: ANN001, ANN202
-    call = jax.ffi.ffi_call(
-        CONV_TARGET, _output(x, stride, kernel.shape[-1]), vmap_method="sequential"
-    )
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
+def _conv(stride, relu6, count, x, first, kernel, mul, add):  # noqa: ANN001, ANN202
+    out = _output(x, stride, kernel.shape[-1])
+    out = jax.ShapeDtypeStruct((count, *out.shape[1:]), out.dtype)
+    call = jax.ffi.ffi_call(CONV_TARGET, out, vmap_method="sequential")
     f32 = jnp.float32
-    args = (x.astype(f32), kernel.astype(f32), mul.astype(f32), add.astype(f32))
+    args = (x.astype(f32), first, kernel.astype(f32), mul.astype(f32), add.astype(f32))
     return call(*args, stride=np.int64(stride), relu6=relu6)
 
 
@@ -298,5 +310,12 @@ def _depthwise_jvp(stride, relu6, primals, tangents):  # noqa: ANN001, ANN202
 
 
 @_conv.defjvp
-def _conv_jvp(stride, relu6, primals, tangents):  # noqa: ANN001, ANN202
-    return jax.jvp(functools.partial(reference_conv3x3_affine, stride, relu6), primals, tangents)
+def _conv_jvp(stride, relu6, count, primals, tangents):  # noqa: ANN001, ANN202
+    x, first, *params = primals
+    dx, _, *dparams = tangents
+
+    def reference(x, kernel, mul, add):  # noqa: ANN001, ANN202
+        images = jax.lax.dynamic_slice_in_dim(x, first, count)
+        return reference_conv3x3_affine(stride, relu6, images, kernel, mul, add)
+
+    return jax.jvp(reference, (x, *params), (dx, *dparams))

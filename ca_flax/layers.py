@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from ca_flax import cpu_kernels
+from ca_flax.image_slice import ImageSlice, as_array
 
 Dtype = Any
 Array = jax.Array
@@ -358,11 +359,16 @@ class Conv3x3(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, fused: dict[str, Any] | None = None) -> Array:
+    def __call__(self, x: Array | ImageSlice, fused: dict[str, Any] | None = None) -> Array:
+        """The conv of `x`; the kernel reads an `ImageSlice` in place, the others copy it out."""
         kernel = self.param("kernel", conv_init, (3, 3, x.shape[-1], self.features), jnp.float32)
+        if fused is not None and isinstance(x, ImageSlice):
+            return cpu_kernels.conv3x3_affine(
+                x.source, kernel, stride=self.stride, first=x.first, count=x.count, **fused
+            )
         if fused is not None:
             return cpu_kernels.conv3x3_affine(x, kernel, stride=self.stride, **fused)
-        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        x, kernel = as_array(x).astype(self.dtype), kernel.astype(self.dtype)
         if active_conv_formulation() == "xla":
             return xla_conv(x, kernel, self.stride)
         return conv3x3_im2col(x, kernel, self.stride)
@@ -519,9 +525,10 @@ class Sequential:
     def conv3x3(self, x: Array, features: int, stride: int) -> Array:
         return Conv3x3(features, stride, self.dtype, name=self._name())(x)
 
-    def conv3x3_bn_relu6(self, x: Array, features: int, stride: int) -> Array:
+    def conv3x3_bn_relu6(self, x: Array | ImageSlice, features: int, stride: int) -> Array:
         """Dense 3x3 conv -> BatchNorm -> ReLU6 (the stem). In float32 CPU inference one kernel
-        does all three (`cpu_kernel_inference`); the parameters and names are the same."""
+        does all three (`cpu_kernel_inference`), reading an `ImageSlice` in place; the
+        parameters and names are the same."""
         if not (self.fuse and cpu_kernel_inference(x, self.train, self.dtype)):
             return self.act(self.bn(self.conv3x3(x, features, stride)))
         conv = Conv3x3(features, stride, self.dtype, name=self._name())

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ca_flax.attention import attention_factory
+from ca_flax.image_slice import ImageSlice, as_array
 from ca_flax.layers import Array, Dtype, Sequential, make_divisible, may_fuse, strided
 from ca_flax.network import ClassifierNet
 
@@ -37,12 +38,16 @@ class ConvBNReLU(nn.Module):
         """Elements per image of the largest tensor it holds: its output."""
         return strided(height, self.stride) * strided(width, self.stride) * self.features
 
+    def reads_image_slices(self) -> bool:
+        """Whether it takes an `ImageSlice` for `x` (`blocking.run_layers`): the 3x3 conv does."""
+        return self.kernel_size == 3
+
     @nn.compact
-    def __call__(self, x: Array, train: bool) -> Array:
+    def __call__(self, x: Array | ImageSlice, train: bool) -> Array:
         seq = Sequential("", train, self.dtype, fuse=may_fuse(self))
         if self.kernel_size == 3:
             return seq.conv3x3_bn_relu6(x, self.features, self.stride)
-        return seq.act(seq.bn(seq.pointwise(x, self.features)))
+        return seq.act(seq.bn(seq.pointwise(as_array(x), self.features)))
 
 
 class InvertedResidual(nn.Module):

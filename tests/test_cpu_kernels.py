@@ -146,6 +146,28 @@ def test_conv3x3_kernel_matches_xla(shape, out_channels, stride):
         assert np.any(linear < 0) and np.any(linear > 6)
 
 
+def test_conv3x3_kernel_reads_a_chunk_of_the_batch_in_place():
+    """Given `count`, the dense kernel computes images x[first : first + count] from the whole
+    batch, `first` traced and clamped like lax.dynamic_slice; gradients reach the right images."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(0, 2, (5, 9, 10, 3)).astype(np.float32)
+    kernel = rng.normal(0, 1, (3, 3, 3, 16)).astype(np.float32)
+    mul, add = (rng.normal(0, 1, 16).astype(np.float32) for _ in range(2))
+    run = partial(cpu_kernels.conv3x3_affine, stride=2, relu6=True)
+    whole = jax.jit(run)(x, kernel, mul, add)
+
+    @jax.jit
+    def chunk(x, first):  # noqa: ANN001, ANN202
+        return run(x, kernel, mul, add, first=first, count=2)
+
+    for first, start in [(0, 0), (2, 2), (3, 3), (4, 3), (-1, 0)]:  # the last two clamped
+        np.testing.assert_array_equal(chunk(x, first), whole[start : start + 2])
+    grad = np.asarray(jax.grad(lambda x: jnp.sum(chunk(x, 1) ** 2))(x))
+    assert np.all(grad[[0, 3, 4]] == 0) and np.all(np.abs(grad[1:3]).sum((1, 2, 3)) > 0)
+    with pytest.raises(ValueError, match="count=6: x holds 5 images"):
+        run(x, kernel, mul, add, count=6)
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 5, 48), (1, 4, 2, 27), (1, 1, 1, 1)])
 def test_coordinate_gate_kernel_is_the_product_and_leaves_a_live_input_alone(shape):
     """`coordinate_gate` equals `x * a_h * a_w` bitwise on the 16-, 8- and 1-lane paths; it
@@ -220,6 +242,11 @@ def test_models_use_the_kernel_in_cpu_inference_with_the_same_logits(
     if expand_from is None:  # at 64x64 the stride-2 block at 32x32 (over 28x28) takes it in
         assert count_expanding_calls(infer, variables, jnp.zeros((1, 64, 64, 3))) == 1
     assert count_kernel_calls(infer, variables, x, target=cpu_kernels.CONV_TARGET) == 1
+    # Cache-blocked, the stem reads its chunk of the batch where it lies: no copy of the input.
+    blocked = partial(model.clone(inference_block_mb=0.015).apply, train=False)
+    (stem,) = [line for line in program_text(blocked, variables, x).splitlines()
+               if cpu_kernels.CONV_TARGET in line]  # fmt: skip
+    assert "(tensor<4x32x40x3xf32>, tensor<i32>," in stem and "-> tensor<1x16x20x" in stem
     gates = count_modules(variables["params"], {"conv1", "bn1", "conv2", "conv3"})  # CA blocks
     assert gates == (16 if name == "mobilenetv2_ca" else 0)
     assert count_kernel_calls(infer, variables, x, target=cpu_kernels.GATE_TARGET) == gates

@@ -106,8 +106,10 @@ void Conv(const Dense& l, int64_t batch, const float* x, float* y) {
   }
 }
 
-ffi::Error Conv3x3(Tensor4 x, Tensor4 taps, Vector mul, Vector add, ffi::Result<Tensor4> y,
-                   int64_t stride, bool relu6) {
+// Computes y for images [first, first + y's batch) of x, `first` clamped into range as
+// lax.dynamic_slice clamps: a chunk of a batch read in place rather than copied out first.
+ffi::Error Conv3x3(Tensor4 x, Int32 first, Tensor4 taps, Vector mul,
+                   Vector add, ffi::Result<Tensor4> y, int64_t stride, bool relu6) {
   if (stride != 1 && stride != 2) return ffi::Error::InvalidArgument("stride must be 1 or 2");
   const auto d = x.dimensions(), td = taps.dimensions(), yd = y->dimensions();
   const int64_t Ci = d[3], Co = td[3];
@@ -117,12 +119,13 @@ ffi::Error Conv3x3(Tensor4 x, Tensor4 taps, Vector mul, Vector add, ffi::Result<
   }
   const Dense l{d[1], d[2], Ci, Co, Strided(d[1], stride), Strided(d[2], stride),
                 taps.typed_data(), mul.typed_data(), add.typed_data()};
-  if (yd[0] != d[0] || yd[1] != l.out_height || yd[2] != l.out_width || yd[3] != Co) {
+  if (yd[0] > d[0] || yd[1] != l.out_height || yd[2] != l.out_width || yd[3] != Co) {
     return ffi::Error::InvalidArgument("output shape does not match the input, taps and stride");
   }
+  const int64_t start = std::clamp<int64_t>(*first.typed_data(), 0, d[0] - yd[0]);
   const auto run = stride == 1 ? (relu6 ? Conv<1, true> : Conv<1, false>)
                                : (relu6 ? Conv<2, true> : Conv<2, false>);
-  run(l, d[0], x.typed_data(), y->typed_data());
+  run(l, yd[0], x.typed_data() + start * d[1] * d[2] * Ci, y->typed_data());
   return ffi::Error::Success();
 }
 
@@ -131,6 +134,7 @@ ffi::Error Conv3x3(Tensor4 x, Tensor4 taps, Vector mul, Vector add, ffi::Result<
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CaFlaxConv3x3, Conv3x3,
                               ffi::Ffi::Bind()
                                   .Arg<Tensor4>()  // x
+                                  .Arg<Int32>()    // first
                                   .Arg<Tensor4>()  // taps
                                   .Arg<Vector>()   // mul
                                   .Arg<Vector>()   // add

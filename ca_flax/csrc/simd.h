@@ -22,6 +22,7 @@ namespace {  // each kernel file keeps its own copy: no symbols shared between t
 using Tensor4 = ffi::Buffer<ffi::F32, 4>;
 using Matrix = ffi::Buffer<ffi::F32, 2>;
 using Vector = ffi::Buffer<ffi::F32, 1>;
+using Int32 = ffi::Buffer<ffi::S32, 0>;  // a scalar
 
 typedef float f32x16 __attribute__((vector_size(64)));
 typedef float f32x8 __attribute__((vector_size(32)));

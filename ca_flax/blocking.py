@@ -17,8 +17,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ca_flax import cpu_kernels
 from ca_flax.image_slice import ImageSlice
-from ca_flax.layers import Array, strided
+from ca_flax.layers import Array, cpu_kernel_inference, strided
 
 # Chunk working sets up to this size ran best on the 2-core CPU measured (2 MB L2 per core).
 CPU_BLOCK_MB = 3.0
@@ -53,28 +54,46 @@ def chunk_size(batch: int, bytes_per_image: int, budget_mb: float) -> int:
     return max(fits, default=1)
 
 
-def run_chunked(module: nn.Module, x: Array | ImageSlice, chunk: int) -> Array:
-    """`module(x, train=False)` computed `chunk` images at a time, sequentially; an `ImageSlice`
-    is handed down as slices of itself."""
+def run_chunked(
+    module: nn.Module, x: Array | ImageSlice, chunk: int, out_shape: tuple[int, ...]
+) -> Array:
+    """`module(x, train=False)` computed `chunk` images at a time, sequentially, each chunk
+    written into the output (`out_shape` per image) as it is done. An `ImageSlice` is handed
+    down as slices of itself. Where ca_flax's CPU kernels run the output starts uninitialized
+    (every value is written before it is read): XLA's zeros cost a pass over it per call."""
     n = x.shape[0]
+    indices = jnp.arange(n // chunk, dtype=jnp.int32)
+    sliced = isinstance(x, ImageSlice)
 
-    def body(module: nn.Module, carry: None, xs: Array) -> tuple[None, Array]:
-        return carry, module(x.part(xs, chunk) if isinstance(x, ImageSlice) else xs, False)
+    def body(module: nn.Module, out: Array, xs: tuple[Array, Array]) -> tuple[Array, None]:
+        index, images = xs
+        y = module(x.part(index, chunk) if sliced else images, False)
+        return jax.lax.dynamic_update_slice_in_dim(out, y, index * chunk, 0), None
 
     scan = nn.scan(
         body,
         variable_broadcast=["params", "batch_stats"],
         split_rngs={"params": False, "dropout": False},
     )
-    if isinstance(x, ImageSlice):
-        xs = jnp.arange(n // chunk, dtype=jnp.int32)
+    chunks = indices if sliced else x.reshape(n // chunk, chunk, *x.shape[1:])
+    if cpu_kernel_inference(x, False, x.dtype):  # the kernels' own backend, dtype, form
+        out = cpu_kernels.uninitialized((n, *out_shape), x.dtype, x.first if sliced else x)
     else:
-        xs = x.reshape(n // chunk, chunk, *x.shape[1:])
-    _, y = scan(module, None, xs)
-    return y.reshape(n, *y.shape[2:])
+        out = jnp.zeros((n, *out_shape), x.dtype)
+    out, _ = scan(module, out, (indices, chunks))
+    return out
 
 
-def bytes_per_image(layers: Sequence[nn.Module], x: Array) -> list[int]:
+def image_shape_after(layers: Sequence[nn.Module], x: Array | ImageSlice) -> tuple[int, ...]:
+    """The per-image shape `layers` turn `x`'s images into, from their strides and the last
+    one's `out_channels`."""
+    height, width = x.shape[1], x.shape[2]
+    for layer in layers:
+        height, width = strided(height, layer.stride), strided(width, layer.stride)
+    return (height, width, layers[-1].out_channels)
+
+
+def bytes_per_image(layers: Sequence[nn.Module], x: Array | ImageSlice) -> list[int]:
     """Each layer's widest activation per image in bytes, walking the input size through
     the layers' strides (`layer.stride`, `layer.widest_activation(height, width)`)."""
     height, width = x.shape[1], x.shape[2]
@@ -114,7 +133,8 @@ def run_blocked(
     n = x.shape[0]
     chunks = [chunk_size(n, size, budget_mb) for size in image_bytes]
     if max(chunks) < n:
-        return run_chunked(Blocked(tuple(layers), tuple(image_bytes), budget_mb), x, max(chunks))
+        blocked = Blocked(tuple(layers), tuple(image_bytes), budget_mb)
+        return run_chunked(blocked, x, max(chunks), image_shape_after(layers, x))
     for whole, group in itertools.groupby(range(len(layers)), lambda i: chunks[i] == n):
         indices = list(group)
         run = slice(indices[0], indices[-1] + 1)

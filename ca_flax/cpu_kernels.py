@@ -27,6 +27,7 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -36,15 +37,17 @@ import numpy as np
 Array = jax.Array
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "depthwise3x3.cc", CSRC / "conv3x3.cc", CSRC / "gate.cc")  # share simd.h
+SOURCES = tuple(CSRC / f for f in ("depthwise3x3.cc", "conv3x3.cc", "gate.cc", "uninitialized.cc"))
 OPT_OUT = "CA_FLAX_CPU_KERNELS"
 DEPTHWISE_TARGET = "ca_flax_depthwise3x3_affine"
 CONV_TARGET = "ca_flax_conv3x3_affine"
 GATE_TARGET = "ca_flax_coordinate_gate"
+UNINITIALIZED_TARGET = "ca_flax_uninitialized"
 TARGETS = {  # -> symbol
     DEPTHWISE_TARGET: "CaFlaxDepthwise3x3",
     CONV_TARGET: "CaFlaxConv3x3",
     GATE_TARGET: "CaFlaxGate",
+    UNINITIALIZED_TARGET: "CaFlaxUninitialized",
 }
 TARGET_FLAGS = ("-O3", "-march=native", "-std=c++17")  # what the code is generated for
 FLAGS = (*TARGET_FLAGS, "-shared", "-fPIC", "-w")
@@ -144,6 +147,20 @@ def use_kernels(wanted: bool) -> Iterator[None]:
 def enabled() -> bool:
     """Whether models traced now use the kernels: wanted here (`use_kernels`) and `available`."""
     return _wanted.get() and available()
+
+
+def uninitialized(shape: tuple[int, ...], dtype: Any, trip: Array) -> Array:
+    """An array of `shape` whose values are whatever its memory held: for a buffer written in
+    full before it is read (`blocking.run_chunked`'s output), where zeros cost a pass. `trip`,
+    any value of the loop trip the buffer belongs to, is read by nothing: it keeps XLA from
+    making the buffer once outside the loop, which cost a copy per trip. Raises RuntimeError
+    where the kernels are not `available()`."""
+    if not available():
+        raise RuntimeError(
+            f"{UNINITIALIZED_TARGET} is not available: see the warning, or {OPT_OUT}"
+        )
+    out = jax.ShapeDtypeStruct(shape, dtype)
+    return jax.ffi.ffi_call(UNINITIALIZED_TARGET, out, vmap_method="broadcast_all")(trip)
 
 
 def depthwise3x3_affine(

@@ -38,6 +38,11 @@ class ConvBNReLU(nn.Module):
         """Elements per image of the largest tensor it holds: its output."""
         return strided(height, self.stride) * strided(width, self.stride) * self.features
 
+    @property
+    def out_channels(self) -> int:
+        """Channels of its output, as the blocks name theirs (`blocking.image_shape_after`)."""
+        return self.features
+
     def reads_image_slices(self) -> bool:
         """Whether it takes an `ImageSlice` for `x` (`blocking.run_layers`): the 3x3 conv does."""
         return self.kernel_size == 3

@@ -247,6 +247,9 @@ def test_models_use_the_kernel_in_cpu_inference_with_the_same_logits(
     (stem,) = [line for line in program_text(blocked, variables, x).splitlines()
                if cpu_kernels.CONV_TARGET in line]  # fmt: skip
     assert "(tensor<4x32x40x3xf32>, tensor<i32>," in stem and "-> tensor<1x16x20x" in stem
+    # ... and each loop's output starts uninitialized, every value written before it is read.
+    target = cpu_kernels.UNINITIALIZED_TARGET
+    assert count_kernel_calls(blocked, variables, x, target=target) >= 2  # nested loops
     gates = count_modules(variables["params"], {"conv1", "bn1", "conv2", "conv3"})  # CA blocks
     assert gates == (16 if name == "mobilenetv2_ca" else 0)
     assert count_kernel_calls(infer, variables, x, target=cpu_kernels.GATE_TARGET) == gates
@@ -256,6 +259,7 @@ def test_models_use_the_kernel_in_cpu_inference_with_the_same_logits(
         plain = jax.jit(lambda v, x: infer(v, x))(variables, x)
     fused = jax.jit(infer)(variables, x)
     np.testing.assert_allclose(fused, plain, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(jax.jit(blocked)(variables, x), fused, rtol=1e-5, atol=1e-5)
     assert float(jnp.std(plain)) > 0.1  # O(1) logits: a wrong layer would show
 
     train = partial(

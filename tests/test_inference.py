@@ -17,6 +17,7 @@ SPREAD_OVER_TWO_CPU_DEVICES = textwrap.dedent(
     from ca_flax.inference import CPU_COMPILER_OPTIONS, make_inference_fn, use_cpu_cores
     assert use_cpu_cores(2)
     import ca_flax
+    from ca_flax import cpu_kernels
     from tiny_models import random_variables
     assert jax.device_count() == 2, jax.devices()
     assert not use_cpu_cores(3)  # JAX has started: its devices stay
@@ -36,6 +37,10 @@ SPREAD_OVER_TWO_CPU_DEVICES = textwrap.dedent(
             assert out.shape == (batch, 10), out.shape
             if batch == 8:
                 assert len(out.sharding.device_set) == 2, out.sharding
+                # XLA's loops, without the kernels: the blocked loops' outputs start as zeros.
+                with cpu_kernels.use_kernels(False):
+                    plain = make_inference_fn(model, variables)(x)
+                np.testing.assert_allclose(plain, out, rtol=1e-4, atol=1e-4)
             np.testing.assert_allclose(out, one_device(variables, x), rtol=1e-5, atol=1e-6)
     print("spread ok")
     """

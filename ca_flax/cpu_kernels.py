@@ -173,7 +173,8 @@ def depthwise3x3_affine(
     input_affine: tuple[Array, Array] | None = None,
     residual: Array | None = None,
     expand: Array | None = None,
-) -> Array:
+    sums: bool = False,
+) -> Array | tuple[Array, Array, Array]:
     """`act(depthwise3x3(pre(x), kernel, stride) * mul + add) + residual` in one pass.
 
     `pre(x)` is `relu6(x * in_mul + in_add)` for `input_affine = (in_mul, in_add)` (the
@@ -183,8 +184,11 @@ def depthwise3x3_affine(
     `relu6`; `residual`, shaped like the output, is added if given. float32 NHWC `x`, a
     (3, 3, 1, C) `kernel`, per-channel vectors; padding 1, stride 1 or 2. Derivatives come from
     XLA's form of the same layer (`reference_depthwise3x3_affine`), so gradients through
-    inference (saliency maps, frozen BatchNorm) work. Raises RuntimeError where the kernel is
-    not `available()`, ValueError for an `expand` without `input_affine` or of the wrong shape.
+    inference (saliency maps, frozen BatchNorm) work. With `sums` (ReLU6, no residual) it
+    returns `(y, y.sum(2), y.sum(1))`: the output summed over each row (N, H_out, C) and each
+    column (N, W_out, C) as it is written, Coordinate Attention's pooling without a pass of its
+    own. Raises RuntimeError where the kernel is not `available()`, ValueError for an `expand`
+    without `input_affine` or of the wrong shape, or for `sums` with a residual or no ReLU6.
     """
     if not available():
         raise RuntimeError(
@@ -197,7 +201,9 @@ def depthwise3x3_affine(
             f"expand must be (C_in, C) = {(x.shape[-1], kernel.shape[-1])} and come with "
             f"input_affine; got {expand.shape} and input_affine={input_affine is not None}"
         )
-    return _depthwise(stride, relu6, x, kernel, mul, add, input_affine, residual, expand)
+    if sums and (residual is not None or not relu6):
+        raise ValueError("sums are for a layer with ReLU6 and no residual (Coordinate Attention's)")
+    return _depthwise(stride, relu6, sums, x, kernel, mul, add, input_affine, residual, expand)
 
 
 def conv3x3_affine(
@@ -288,16 +294,20 @@ def _output(x: Array, stride: int, channels: int) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct((n, strided(h, stride), strided(w, stride), channels), jnp.float32)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
-def _depthwise(stride, relu6, x, kernel, mul, add, input_affine, residual, expand):  # noqa: ANN001, ANN202
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
+def _depthwise(stride, relu6, sums, x, kernel, mul, add, input_affine, residual, expand):  # noqa: ANN001, ANN202
     c = kernel.shape[-1]
-    call = jax.ffi.ffi_call(DEPTHWISE_TARGET, _output(x, stride, c), vmap_method="sequential")
     f32 = jnp.float32
+    out = _output(x, stride, c)
+    n, h, w, _ = out.shape
+    sum_shapes = [(n, h, c), (n, w, c)] if sums else [(0, 0, 0)] * 2
+    outs = (out, *(jax.ShapeDtypeStruct(shape, f32) for shape in sum_shapes))
+    call = jax.ffi.ffi_call(DEPTHWISE_TARGET, outs, vmap_method="sequential")
     in_mul, in_add = input_affine if input_affine is not None else (mul, add)  # unread if None
     # The kernel takes the input BatchNorm's scale folded into the expanding matrix.
     expand = jnp.zeros((0, 0), f32) if expand is None else (expand * in_mul).astype(f32)
     no_residual = jnp.zeros((0, 0, 0, 0), f32)
-    return call(
+    y, row_sums, col_sums = call(
         x.astype(f32),
         kernel.reshape(9, c).astype(f32),
         *(v.astype(f32) for v in (mul, add, in_mul, in_add)),
@@ -307,6 +317,7 @@ def _depthwise(stride, relu6, x, kernel, mul, add, input_affine, residual, expan
         relu6=relu6,
         input_bn_relu6=input_affine is not None,
     )
+    return (y, row_sums, col_sums) if sums else y
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
@@ -320,10 +331,12 @@ def _conv(stride, relu6, count, x, first, kernel, mul, add):  # noqa: ANN001, AN
 
 
 @_depthwise.defjvp
-def _depthwise_jvp(stride, relu6, primals, tangents):  # noqa: ANN001, ANN202
-    return jax.jvp(
-        functools.partial(reference_depthwise3x3_affine, stride, relu6), primals, tangents
-    )
+def _depthwise_jvp(stride, relu6, sums, primals, tangents):  # noqa: ANN001, ANN202
+    def reference(*args):  # noqa: ANN002, ANN202
+        y = reference_depthwise3x3_affine(stride, relu6, *args)
+        return (y, jnp.sum(y, 2), jnp.sum(y, 1)) if sums else y
+
+    return jax.jvp(reference, primals, tangents)
 
 
 @_conv.defjvp

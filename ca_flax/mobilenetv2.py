@@ -77,7 +77,8 @@ class InvertedResidual(nn.Module):
             y = seq.depthwise_bn(y, self.stride)
         else:
             hidden = round(self.in_channels * self.expansion)
-            y = seq.expand_depthwise_bn(y, hidden, self.stride)
+            pooled = self.attention == "ca"  # CA's pooling comes from the depthwise kernel
+            y = seq.expand_depthwise_bn(y, hidden, self.stride, pooled=pooled)
             attention = attention_factory(self.attention, self.in_channels, self.dtype)
             if attention is not None:
                 y = seq.module(attention, y)

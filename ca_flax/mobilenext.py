@@ -61,7 +61,7 @@ class SandGlass(nn.Module):
         full = self.reduction == 2 or self.in_channels == self.out_channels or self.keep_3x3
         y = x
         if full:
-            y = seq.depthwise_bn(y)
+            y = seq.depthwise_bn(y, pooled=self.attention == "ca")  # CA's pooling, if it runs
             attention = attention_factory(self.attention, hidden, self.dtype)
             if attention is not None:
                 y = seq.module(attention, y)

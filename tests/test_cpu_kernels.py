@@ -76,6 +76,8 @@ def test_depthwise_kernel_matches_xla_loops(shape, stride):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4, err_msg=variant)
         if relu6_out and not with_residual and want.size >= 100:  # both ReLU6 bounds were hit
             assert 0 < np.mean(want == 0) < 1 and np.any(want == 6), variant
+        if relu6_out and not with_residual:  # the output's row and column sums beside it
+            assert_sums_match(jax.jit(partial(run, sums=True))(x, kernel, mul, add), got)
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -105,8 +107,30 @@ def test_depthwise_kernel_with_expand_matches_xla_loops(shape, channels, stride)
         want = reference(wide, kernel, mul, add, stride, relu6_out, (in_mul, in_add), residual)
         assert got.shape == want.shape == out_shape and got.dtype == jnp.float32
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4, err_msg=f"relu6={relu6_out}")
+        if residual is None:
+            assert_sums_match(jax.jit(partial(run, sums=True))(x, kernel, mul, add), got)
     pre = wide * in_mul + in_add
     assert np.any(pre < 0) and np.any(pre > 6)  # the input ReLU6 clipped on both sides
+
+
+def assert_sums_match(outputs: tuple, y: jax.Array) -> None:
+    """`sums=True` gives the same output and its sums over each row and each column."""
+    got, row_sums, col_sums = map(np.asarray, outputs)
+    y = np.asarray(y)
+    np.testing.assert_allclose(got, y, rtol=1e-6, atol=1e-5)
+    n, h, w, c = y.shape
+    assert row_sums.shape == (n, h, c) and col_sums.shape == (n, w, c)
+    np.testing.assert_allclose(row_sums, y.sum(2, dtype=np.float64), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(col_sums, y.sum(1, dtype=np.float64), rtol=1e-5, atol=1e-4)
+
+
+def test_sums_need_relu6_and_no_residual():
+    """Row and column sums are for Coordinate Attention's input only: refused otherwise."""
+    x, kernel, vec = jnp.ones((1, 4, 4, 8)), jnp.ones((3, 3, 1, 8)), jnp.ones(8)
+    with pytest.raises(ValueError, match="sums are for a layer with ReLU6 and no residual"):
+        cpu_kernels.depthwise3x3_affine(x, kernel, vec, vec, 1, False, sums=True)
+    with pytest.raises(ValueError, match="sums are for a layer with ReLU6 and no residual"):
+        cpu_kernels.depthwise3x3_affine(x, kernel, vec, vec, 1, True, residual=x, sums=True)
 
 
 def test_expand_needs_its_batchnorm_and_the_right_shape():
@@ -209,6 +233,14 @@ def count_kernel_calls(fn, *args, target: str = cpu_kernels.DEPTHWISE_TARGET) ->
     return program_text(fn, *args).count(target)
 
 
+def count_pooling_calls(fn, *args) -> int:  # noqa: ANN001
+    """Depthwise kernel calls in `fn`'s program that sum their output's rows and columns (their
+    sums are not the empty placeholders)."""
+    text = program_text(fn, *args)
+    calls = [line for line in text.splitlines() if cpu_kernels.DEPTHWISE_TARGET in line]
+    return sum("tensor<0x0x0xf32>" not in line for line in calls)
+
+
 def count_expanding_calls(fn, *args) -> int:  # noqa: ANN001
     """Depthwise kernel calls in `fn`'s program that run the 1x1 conv before them (their
     `expand` operand is not the empty placeholder)."""
@@ -218,7 +250,7 @@ def count_expanding_calls(fn, *args) -> int:  # noqa: ANN001
 
 
 @pytest.mark.parametrize("expand_from", [0, None], ids=["expand_everywhere", "expand_default"])
-@pytest.mark.parametrize("name", ["mobilenetv2_ca", "mobilenext"])
+@pytest.mark.parametrize("name", ["mobilenetv2_ca", "mobilenext", "mobilenext_ca"])
 def test_models_use_the_kernel_in_cpu_inference_with_the_same_logits(
     name, expand_from, monkeypatch
 ):
@@ -237,7 +269,7 @@ def test_models_use_the_kernel_in_cpu_inference_with_the_same_logits(
     assert count_kernel_calls(infer, variables, x) == depthwise > 0
     # A 1x1 conv goes in before a depthwise in every block but mobilenetv2's first (17 blocks)
     # and the two of mobilenext's 20 that widen at stride 1 (no 3x3 after their 1x1 convs).
-    expanding = {"mobilenetv2_ca": 16, "mobilenext": 18}[name] if expand_from == 0 else 0
+    expanding = {"mobilenetv2_ca": 16}.get(name, 18) if expand_from == 0 else 0
     assert count_expanding_calls(infer, variables, x) == expanding
     if expand_from is None:  # at 64x64 the stride-2 block at 32x32 (over 28x28) takes it in
         assert count_expanding_calls(infer, variables, jnp.zeros((1, 64, 64, 3))) == 1
@@ -251,8 +283,10 @@ def test_models_use_the_kernel_in_cpu_inference_with_the_same_logits(
     target = cpu_kernels.UNINITIALIZED_TARGET
     assert count_kernel_calls(blocked, variables, x, target=target) >= 2  # nested loops
     gates = count_modules(variables["params"], {"conv1", "bn1", "conv2", "conv3"})  # CA blocks
-    assert gates == (16 if name == "mobilenetv2_ca" else 0)
+    assert gates == {"mobilenetv2_ca": 16, "mobilenext": 0, "mobilenext_ca": 15}[name]
     assert count_kernel_calls(infer, variables, x, target=cpu_kernels.GATE_TARGET) == gates
+    # Each CA block's pooling comes from the depthwise kernel before it.
+    assert count_pooling_calls(infer, variables, x) == gates
     with cpu_kernels.use_kernels(False):
         for target in cpu_kernels.TARGETS:
             assert count_kernel_calls(infer, variables, x, target=target) == 0

@@ -20,6 +20,7 @@ namespace {  // each kernel file keeps its own copy: no symbols shared between t
 
 // Buffer types by rank (named, since a comma inside the handler macro would split its argument).
 using Tensor4 = ffi::Buffer<ffi::F32, 4>;
+using Tensor3 = ffi::Buffer<ffi::F32, 3>;
 using Matrix = ffi::Buffer<ffi::F32, 2>;
 using Vector = ffi::Buffer<ffi::F32, 1>;
 using Int32 = ffi::Buffer<ffi::S32, 0>;  // a scalar

@@ -17,12 +17,12 @@ from ca_flax.layers import (
     Array,
     BatchNorm,
     Dtype,
-    Pooled,
     active_conv_formulation,
     conv1x1,
     cpu_kernel_inference,
     hard_swish,
 )
+from ca_flax.sequential import Pooled
 
 ATTENTIONS = ("ca", "se", "cbam")
 

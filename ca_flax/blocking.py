@@ -150,8 +150,9 @@ def run_blocked(
 def run_layers(layers: Sequence[nn.Module], x: Array, train: bool, budget_mb: float) -> Array:
     """Apply `layers` in order; at inference cache-blocked (`run_blocked`) with working sets
     from `bytes_per_image`, the input handed down as an `ImageSlice` where the first layer
-    `reads_image_slices()` (only the first layer ever sees one). `budget_mb` 0 turns blocking off; an empty batch has nothing to block,
-    and a symbolic batch (`jax.export` shape polymorphism) no chunk size to divide."""
+    `reads_image_slices()` (only the first layer ever sees one). `budget_mb` 0 turns blocking
+    off; an empty batch has nothing to block, and a symbolic batch (`jax.export` shape
+    polymorphism) no chunk size to divide."""
     if train or budget_mb <= 0 or not isinstance(x.shape[0], int) or x.shape[0] == 0:
         return Chain(tuple(layers))(x, train)
     sizes = bytes_per_image(layers, x)

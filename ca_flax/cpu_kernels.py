@@ -160,7 +160,8 @@ def uninitialized(shape: tuple[int, ...], dtype: Any, trip: Array) -> Array:
             f"{UNINITIALIZED_TARGET} is not available: see the warning, or {OPT_OUT}"
         )
     out = jax.ShapeDtypeStruct(shape, dtype)
-    return jax.ffi.ffi_call(UNINITIALIZED_TARGET, out, vmap_method="broadcast_all")(trip)
+    call = jax.ffi.ffi_call(UNINITIALIZED_TARGET, out, vmap_method="broadcast_all")
+    return call(jax.lax.stop_gradient(trip))  # no derivative: nothing depends on `trip`
 
 
 def depthwise3x3_affine(

@@ -11,8 +11,9 @@ import jax.numpy as jnp
 
 from ca_flax.attention import attention_factory
 from ca_flax.image_slice import ImageSlice, as_array
-from ca_flax.layers import Array, Dtype, Sequential, make_divisible, may_fuse, strided
+from ca_flax.layers import Array, Dtype, make_divisible, strided
 from ca_flax.network import ClassifierNet
+from ca_flax.sequential import Sequential, may_fuse
 
 # (expansion t, output channels c, repeats n, first stride s), from the paper.
 MOBILENETV2_SETTINGS = (

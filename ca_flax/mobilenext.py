@@ -14,9 +14,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ca_flax.attention import attention_factory
-from ca_flax.layers import Array, Dtype, Sequential, make_divisible, may_fuse
+from ca_flax.layers import Array, Dtype, make_divisible
 from ca_flax.mobilenetv2 import ConvBNReLU
 from ca_flax.network import ClassifierNet
+from ca_flax.sequential import Sequential, may_fuse
 
 # (reduction t, output channels c, repeats n, first stride s), from the official release.
 MOBILENEXT_SETTINGS = (

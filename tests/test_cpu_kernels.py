@@ -15,7 +15,7 @@ import pytest
 from tiny_models import random_variables
 
 import ca_flax
-from ca_flax import cpu_kernels, layers
+from ca_flax import cpu_kernels, sequential
 from ca_flax.layers import conv3x3_im2col, conv_formulation, depthwise_conv3x3, relu6
 
 
@@ -259,7 +259,7 @@ def test_models_use_the_kernel_in_cpu_inference_with_the_same_logits(
     images of FUSED_EXPAND_MIN_PIXELS (here: all, or the default, which these small images are
     under). Training, 'xla' convolutions and bf16 keep XLA's loops."""
     if expand_from is not None:
-        monkeypatch.setattr(layers, "FUSED_EXPAND_MIN_PIXELS", expand_from)
+        monkeypatch.setattr(sequential, "FUSED_EXPAND_MIN_PIXELS", expand_from)
     model = ca_flax.create_model(name, num_classes=7, width_mult=0.35)
     x = jax.random.normal(jax.random.key(0), (4, 32, 40, 3))
     variables = random_variables(model)
@@ -313,9 +313,10 @@ def test_models_use_the_kernel_in_cpu_inference_with_the_same_logits(
 def test_gradients_through_inference_match_xla_loops(name, monkeypatch):
     """The kernels take their derivatives from XLA's form of the same layers, so gradients of
     inference (saliency maps, frozen BatchNorm) work and equal those without the kernels; the
-    1x1 convs inside the kernel (all of them here) included."""
-    monkeypatch.setattr(layers, "FUSED_EXPAND_MIN_PIXELS", 0)
-    model = ca_flax.create_model(name, num_classes=7, width_mult=0.35)
+    1x1 convs inside the kernel (all of them here), CA's pooling from it, and the cache-blocked
+    loops (nested, their outputs uninitialized, the stem reading its chunk in place) included."""
+    monkeypatch.setattr(sequential, "FUSED_EXPAND_MIN_PIXELS", 0)
+    model = ca_flax.create_model(name, num_classes=7, width_mult=0.35, inference_block_mb=0.015)
     x = jax.random.normal(jax.random.key(0), (2, 32, 40, 3))
     variables = random_variables(model)
 

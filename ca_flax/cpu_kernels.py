@@ -149,16 +149,19 @@ def enabled() -> bool:
     return _wanted.get() and available()
 
 
+def require(target: str) -> None:
+    """Raise RuntimeError, naming `target`, where the kernels are not `available()`."""
+    if not available():
+        raise RuntimeError(f"{target} is not available here: see the warning, or {OPT_OUT}")
+
+
 def uninitialized(shape: tuple[int, ...], dtype: Any, trip: Array) -> Array:
     """An array of `shape` whose values are whatever its memory held: for a buffer written in
     full before it is read (`blocking.run_chunked`'s output), where zeros cost a pass. `trip`,
     any value of the loop trip the buffer belongs to, is read by nothing: it keeps XLA from
     making the buffer once outside the loop, which cost a copy per trip. Raises RuntimeError
     where the kernels are not `available()`."""
-    if not available():
-        raise RuntimeError(
-            f"{UNINITIALIZED_TARGET} is not available: see the warning, or {OPT_OUT}"
-        )
+    require(UNINITIALIZED_TARGET)
     out = jax.ShapeDtypeStruct(shape, dtype)
     call = jax.ffi.ffi_call(UNINITIALIZED_TARGET, out, vmap_method="broadcast_all")
     return call(jax.lax.stop_gradient(trip))  # no derivative: nothing depends on `trip`
@@ -191,10 +194,7 @@ def depthwise3x3_affine(
     own. Raises RuntimeError where the kernel is not `available()`, ValueError for an `expand`
     without `input_affine` or of the wrong shape, or for `sums` with a residual or no ReLU6.
     """
-    if not available():
-        raise RuntimeError(
-            f"{DEPTHWISE_TARGET} is not available here: see the warning, or {OPT_OUT}"
-        )
+    require(DEPTHWISE_TARGET)
     if expand is not None and (
         input_affine is None or expand.shape != (x.shape[-1], kernel.shape[-1])
     ):
@@ -227,8 +227,7 @@ def conv3x3_affine(
     the batch without a copy. Derivatives come from XLA's form (`reference_conv3x3_affine`).
     Raises RuntimeError where it is not `available()`.
     """
-    if not available():
-        raise RuntimeError(f"{CONV_TARGET} is not available here: see the warning, or {OPT_OUT}")
+    require(CONV_TARGET)
     count = x.shape[0] if count is None else count
     if not 0 <= count <= x.shape[0]:
         raise ValueError(f"count={count}: x holds {x.shape[0]} images")
@@ -240,8 +239,7 @@ def coordinate_gate(x: Array, a_h: Array, a_w: Array) -> Array:
     Attention's gate, written over `x`'s buffer where `x` is not needed after it (XLA copies `x`
     first otherwise). Derivatives are the product's. Raises RuntimeError where the kernel is
     not `available()`."""
-    if not available():
-        raise RuntimeError(f"{GATE_TARGET} is not available here: see the warning, or {OPT_OUT}")
+    require(GATE_TARGET)
     return _gate(x, a_h, a_w)
 
 

@@ -57,8 +57,8 @@ class CoordAttention(nn.Module):
     Pools along each spatial direction, mixes both strips through a shared 1x1 conv + BN +
     h_swish, then gates the input by sigmoid(height) * sigmoid(width); the pooled strips come
     with the input where the depthwise kernel before it summed them (`Pooled`, in float32 CPU
-    inference: +7.6% mobilenetv2_ca). The two gates are sown
-    into the 'intermediates' collection as `a_h` (N, H, 1, C) and `a_w` (N, 1, W, C). In
+    inference: +7.6% mobilenetv2_ca). The two gates are sown into the 'intermediates'
+    collection as `a_h` (N, H, 1, C) and `a_w` (N, 1, W, C). In
     float32 CPU inference the gating is ca_flax's kernel (`cpu_kernels.coordinate_gate`),
     which writes over the input in cache where XLA:CPU's loop writes a second tensor (the
     same numbers, bitwise).

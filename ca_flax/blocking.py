@@ -76,12 +76,11 @@ def run_chunked(
         split_rngs={"params": False, "dropout": False},
     )
     chunks = indices if sliced else x.reshape(n // chunk, chunk, *x.shape[1:])
-    source = x.source if sliced else x
     if cpu_kernel_inference(x, False, x.dtype):  # the kernels' own backend, dtype, form
         out = cpu_kernels.uninitialized((n, *out_shape), x.dtype, x.first if sliced else x)
     else:
         # Like `x` (so, in a shard_map, varying over the same mesh axes, as a carry must be).
-        out = jnp.zeros_like(source, shape=(n, *out_shape))
+        out = jnp.zeros_like(x.source if sliced else x, shape=(n, *out_shape))
     out, _ = scan(module, out, (indices, chunks))
     return out
 

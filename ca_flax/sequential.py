@@ -89,7 +89,7 @@ class Sequential:
         `pooled` (ReLU6, no residual) that kernel also returns the output's row and column means,
         as `Pooled`, for Coordinate Attention; XLA's layers return the output alone.
         """
-        if not (self.fuse and cpu_kernel_inference(x, self.train, self.dtype)):
+        if not self._runs_kernel(x):
             if input_bn_relu6:
                 x = self.act(self.bn(x))
             y = self.bn(self.depthwise(x, stride))
@@ -157,7 +157,12 @@ class Sequential:
     def _fuses_expand(self, x: Array) -> bool:
         """Whether a 1x1 conv of `x` goes into the depthwise kernel after it."""
         small = math.prod(x.shape[1:-1]) < FUSED_EXPAND_MIN_PIXELS
-        return not small and self.fuse and cpu_kernel_inference(x, self.train, self.dtype)
+        return not small and self._runs_kernel(x)
+
+    def _runs_kernel(self, x: Array | ImageSlice) -> bool:
+        """Whether the layers on `x` run as one of ca_flax's CPU kernels: float32 CPU inference
+        (`cpu_kernel_inference`) with fusing allowed (`may_fuse`)."""
+        return self.fuse and cpu_kernel_inference(x, self.train, self.dtype)
 
     def _fused_depthwise(
         self,
@@ -205,7 +210,7 @@ class Sequential:
         """Dense 3x3 conv -> BatchNorm -> ReLU6 (the stem). In float32 CPU inference one kernel
         does all three (`cpu_kernel_inference`), reading an `ImageSlice` in place; the
         parameters and names are the same."""
-        if not (self.fuse and cpu_kernel_inference(x, self.train, self.dtype)):
+        if not self._runs_kernel(x):
             return self.act(self.bn(self.conv3x3(x, features, stride)))
         conv = Conv3x3(features, stride, self.dtype, name=self._name())
         mul, add = self.bn_affine(features)

@@ -233,20 +233,17 @@ def count_kernel_calls(fn, *args, target: str = cpu_kernels.DEPTHWISE_TARGET) ->
     return program_text(fn, *args).count(target)
 
 
-def count_pooling_calls(fn, *args) -> int:  # noqa: ANN001
-    """Depthwise kernel calls in `fn`'s program that sum their output's rows and columns (their
-    sums are not the empty placeholders)."""
-    text = program_text(fn, *args)
-    calls = [line for line in text.splitlines() if cpu_kernels.DEPTHWISE_TARGET in line]
-    return sum("tensor<0x0x0xf32>" not in line for line in calls)
+# The empty placeholders of the depthwise kernel's optional `expand` operand and sum results.
+NO_EXPAND, NO_SUMS = "tensor<0x0xf32>", "tensor<0x0x0xf32>"
 
 
-def count_expanding_calls(fn, *args) -> int:  # noqa: ANN001
-    """Depthwise kernel calls in `fn`'s program that run the 1x1 conv before them (their
-    `expand` operand is not the empty placeholder)."""
+def count_depthwise_calls_with(fn, *args, absent: str) -> int:  # noqa: ANN001
+    """Depthwise kernel calls in `fn`'s program that use an optional part: `absent`, its empty
+    placeholder, is not in the call (NO_EXPAND: the 1x1 conv runs inside; NO_SUMS: the output's
+    row and column sums come out)."""
     text = program_text(fn, *args)
     calls = [line for line in text.splitlines() if cpu_kernels.DEPTHWISE_TARGET in line]
-    return sum("tensor<0x0xf32>" not in line for line in calls)
+    return sum(absent not in line for line in calls)
 
 
 @pytest.mark.parametrize(
@@ -275,9 +272,10 @@ def test_models_use_the_kernel_in_cpu_inference_with_the_same_logits(
     # A 1x1 conv goes in before a depthwise in every block but mobilenetv2's first (17 blocks)
     # and the two of mobilenext's 20 that widen at stride 1 (no 3x3 after their 1x1 convs).
     expanding = {"mobilenetv2_ca": 16}.get(name, 18) if expand_from == 0 else 0
-    assert count_expanding_calls(infer, variables, x) == expanding
+    assert count_depthwise_calls_with(infer, variables, x, absent=NO_EXPAND) == expanding
     if expand_from is None:  # at 64x64 the stride-2 block at 32x32 (over 28x28) takes it in
-        assert count_expanding_calls(infer, variables, jnp.zeros((1, 64, 64, 3))) == 1
+        big = jnp.zeros((1, 64, 64, 3))
+        assert count_depthwise_calls_with(infer, variables, big, absent=NO_EXPAND) == 1
     assert count_kernel_calls(infer, variables, x, target=cpu_kernels.CONV_TARGET) == 1
     # Cache-blocked, the stem reads its chunk of the batch where it lies: no copy of the input.
     blocked = partial(model.clone(inference_block_mb=0.015).apply, train=False)
@@ -291,7 +289,7 @@ def test_models_use_the_kernel_in_cpu_inference_with_the_same_logits(
     assert gates == {"mobilenetv2_ca": 16, "mobilenext": 0, "mobilenext_ca": 15}[name]
     assert count_kernel_calls(infer, variables, x, target=cpu_kernels.GATE_TARGET) == gates
     # Each CA block's pooling comes from the depthwise kernel before it.
-    assert count_pooling_calls(infer, variables, x) == gates
+    assert count_depthwise_calls_with(infer, variables, x, absent=NO_SUMS) == gates
     with cpu_kernels.use_kernels(False):
         for target in cpu_kernels.TARGETS:
             assert count_kernel_calls(infer, variables, x, target=target) == 0

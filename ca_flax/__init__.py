@@ -1,6 +1,7 @@
 """ca-flax: Coordinate Attention, MobileNetV2 and MobileNeXt in Flax, exact to the released weights."""
 
 from ca_flax.attention import CBAM, CoordAttention, SqueezeExcite
+from ca_flax.initializers import init_variables
 from ca_flax.registry import create_model, list_models
 
 __all__ = [
@@ -8,6 +9,7 @@ __all__ = [
     "CoordAttention",
     "SqueezeExcite",
     "create_model",
+    "init_variables",
     "list_models",
     "load_pretrained",
 ]

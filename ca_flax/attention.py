@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from ca_flax import cpu_kernels
+from ca_flax.initializers import conv_init
 from ca_flax.layers import (
     Array,
     BatchNorm,
@@ -131,6 +132,7 @@ class CBAM(nn.Module):
             padding=((3, 3), (3, 3)),
             use_bias=False,
             dtype=self.dtype,
+            kernel_init=conv_init,
             name="spatial_conv",
         )(pooled)
         s = BatchNorm(dtype=self.dtype, name="spatial_bn")(s, train)

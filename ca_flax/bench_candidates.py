@@ -26,6 +26,7 @@ import optax
 from ca_flax import cpu_kernels
 from ca_flax.blocking import block_budget_mb
 from ca_flax.inference import make_inference_fn
+from ca_flax.initializers import init_variables
 from ca_flax.layers import active_conv_formulation, conv_formulation
 from ca_flax.registry import create_model
 from ca_flax.roofline import xla_cost, xla_memory_mb
@@ -73,7 +74,7 @@ def jax_candidate(
     model = create_model(name, dtype=dtype, width_mult=width, inference_block_mb=block_mb)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, size, size, 3)), dtype)
     labels = jnp.zeros((batch,), jnp.int32)
-    variables = jax.jit(model.init)(jax.random.key(0), x[:1])
+    variables = init_variables(model, jax.random.key(0), x[:1], train=False)
     tx = optax.sgd(0.01, momentum=0.9)
     if mode == "infer" and devices > 1:
         spread = make_inference_fn(model, variables, jax.local_devices()[:devices])

@@ -19,13 +19,10 @@ import jax.numpy as jnp
 
 from ca_flax import cpu_kernels
 from ca_flax.image_slice import ImageSlice, as_array
+from ca_flax.initializers import conv_init
 
 Dtype = Any
 Array = jax.Array
-
-# PyTorch initialises these networks with He-normal (fan_out) convolutions; keep that for training.
-conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-dense_init = nn.initializers.normal(0.01)
 
 
 def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:

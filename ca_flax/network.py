@@ -13,7 +13,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ca_flax.blocking import CPU_BLOCK_MB, block_budget_mb, run_layers
-from ca_flax.layers import Array, Dtype, accum_dtype, dense_init
+from ca_flax.initializers import dense_init
+from ca_flax.layers import Array, Dtype, accum_dtype
 
 
 class ClassifierNet(nn.Module):

@@ -222,14 +222,14 @@ def test_empty_batch_gives_empty_logits(block_mb):
     """An empty batch (a last partial batch of nothing) is no error, blocked or not, CA included."""
     model = ca_flax.create_model("mobilenetv2_ca", num_classes=7, width_mult=0.35,
                                  inference_block_mb=block_mb)  # fmt: skip
-    variables = model.init(jax.random.key(0), jnp.ones((1, 32, 32, 3)))
+    variables = ca_flax.init_variables(model, jax.random.key(0), jnp.ones((1, 32, 32, 3)))
     assert model.apply(variables, jnp.ones((0, 32, 32, 3))).shape == (0, 7)
 
 
 def test_symbolic_batch_exports_with_default_blocking():
     """jax.export with a polymorphic batch runs unblocked (no chunk size divides `b`)."""
     model = ca_flax.create_model("mobilenetv2_ca", num_classes=7, width_mult=0.35)
-    variables = jax.jit(model.init)(jax.random.key(0), jnp.ones((1, 32, 32, 3)))
+    variables = ca_flax.init_variables(model, jax.random.key(0), jnp.ones((1, 32, 32, 3)))
     spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape("b, 32, 32, 3"), jnp.float32)
     exported = jax.export.export(jax.jit(lambda x: model.apply(variables, x)))(spec)
     x = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))

@@ -13,6 +13,7 @@ import numpy as np
 import train_helpers
 
 import ca_flax
+from ca_flax.initializers import init_variables
 from ca_flax.pretrained import save_pretrained
 from ca_flax.training import optim, steps, trainer
 from ca_flax.training.checkpoints import Checkpointer
@@ -42,7 +43,7 @@ def test_processes_read_disjoint_rows_of_each_global_batch() -> None:
 def _imagenet_pretrained(directory: Path) -> Path:
     """A 1000-class checkpoint of the quickstart's model, as `init_from` takes it."""
     model = ca_flax.create_model("mobilenetv2_ca", width_mult=0.35)
-    variables = jax.jit(model.init)(jax.random.key(7), jnp.zeros((1, 32, 32, 3)))
+    variables = init_variables(model, jax.random.key(7), jnp.zeros((1, 32, 32, 3)), train=False)
     return save_pretrained(directory, "mobilenetv2_ca", variables, {"width_mult": 0.35})
 
 
@@ -87,11 +88,7 @@ def test_two_processes_match_one_process(tmp_path: Path) -> None:
     config = train_helpers.config()
     model, mesh = trainer.build_model(config), steps.create_mesh(jax.devices()[:1])
     tx = optim.create_optimizer(config, optim.learning_rate_schedule(config, 44, 2))
-    abstract = jax.eval_shape(lambda: steps.init_state(model, tx, 32, 0, False, mesh))
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=steps.replicated(mesh)), abstract
-    )
-    restored = Checkpointer(multi, keep=1).restore(abstract)
+    restored = Checkpointer(multi, keep=1).restore(steps.abstract_state(model, tx, 32, False, mesh))
     assert int(restored.step) == 2
     saved = train_helpers.load_checkpoint(multi)
     for name in ("params", "batch_stats"):

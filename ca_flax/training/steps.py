@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ca_flax import cpu_kernels
+from ca_flax.initializers import init_variables
 
 Metrics = dict[str, jax.Array]
 
@@ -55,11 +56,6 @@ def data_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P("data"))
 
 
-def init_key(seed: int) -> jax.Array:
-    """PRNG key for parameter init: XLA's RngBitGenerator compiles ~3x faster than threefry."""
-    return jax.random.key(seed, impl="rbg")
-
-
 def init_state(
     model: nn.Module,
     tx: optax.GradientTransformation,
@@ -74,7 +70,7 @@ def init_state(
     def make(variables: dict[str, Any] | None) -> TrainState:
         if variables is None:
             dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-            variables = model.init(init_key(seed), dummy, train=False)
+            variables = init_variables(model, jax.random.key(seed), dummy, train=False)
         params, batch_stats = variables["params"], variables["batch_stats"]
         ema = {"params": params, "batch_stats": batch_stats} if use_ema else {}
         return TrainState(
@@ -87,6 +83,17 @@ def init_state(
         )
 
     return jax.jit(make, out_shardings=replicated(mesh))(variables)
+
+
+def abstract_state(
+    model: nn.Module, tx: optax.GradientTransformation, image_size: int, use_ema: bool, mesh: Mesh
+) -> TrainState:
+    """`init_state`'s shapes, dtypes and (replicated) shardings, computing nothing: what a
+    checkpoint restore fills in."""
+    shapes = jax.eval_shape(lambda: init_state(model, tx, image_size, 0, use_ema, mesh))
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated(mesh)), shapes
+    )
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
+from ca_flax.initializers import init_variables
 from ca_flax.registry import create_model
 from ca_flax.training import config_check, optim, steps
 from ca_flax.training.checkpoints import Checkpointer, PreemptionFlag
@@ -100,28 +101,29 @@ class Trainer:
         self.tx = optim.create_optimizer(config, self.schedule)
         self.mesh = steps.create_mesh()
         self.model = build_model(config)
-        self.state = self._initial_state()
         self.checkpointer = Checkpointer(self.workdir, config.keep_checkpoints)
-        if self.checkpointer.latest_step() is not None:
-            logging.info("resuming from checkpoint step %d", self.checkpointer.latest_step())
-            self.state = self.checkpointer.restore(self.state)
+        self.state = self._initial_state()
         train_fn = steps.make_train_step(self.model, self.tx, config, self.schedule)
         eval_fn = steps.make_eval_step(self.model)
         self.train_step, self.eval_step = steps.jit_steps(train_fn, eval_fn, self.mesh)
         self.writer = create_writer(self.workdir)
 
     def _initial_state(self) -> steps.TrainState:
+        """The latest checkpoint's state (no init computed), else a fresh or `init_from` one."""
         cfg = self.config
+        setup = (self.model, self.tx, cfg.image_size)
+        if self.checkpointer.latest_step() is not None:
+            logging.info("resuming from checkpoint step %d", self.checkpointer.latest_step())
+            abstract = steps.abstract_state(*setup, cfg.ema_decay > 0, self.mesh)
+            return self.checkpointer.restore(abstract)
         variables = None
         if cfg.init_from:
             from ca_flax.training.finetune import load_init_variables
 
             dummy = jnp.zeros((1, cfg.image_size, cfg.image_size, 3), jnp.float32)
-            fresh = jax.jit(lambda: self.model.init(steps.init_key(cfg.seed), dummy))()
+            fresh = init_variables(self.model, jax.random.key(cfg.seed), dummy, train=False)
             variables = load_init_variables(cfg.init_from, fresh, cfg.model, cfg.width_mult)
-        return steps.init_state(
-            self.model, self.tx, cfg.image_size, cfg.seed, cfg.ema_decay > 0, self.mesh, variables
-        )
+        return steps.init_state(*setup, cfg.seed, cfg.ema_decay > 0, self.mesh, variables)
 
     def _check_finite(self) -> None:
         bad = int(jax.device_get(self.state.bad_step))

@@ -110,8 +110,8 @@ def test_conv_formulations_are_the_same_model(name):
 def test_every_model_runs_train_and_eval_at_small_width(name):
     model = ca_flax.create_model(name, num_classes=7, width_mult=0.35)
     x = jnp.ones((2, 32, 48, 3))
-    variables = model.init(jax.random.key(0), x)
-    logits = model.apply(variables, x)
+    variables = ca_flax.init_variables(model, jax.random.key(0), x)
+    logits = model.apply(variables, x)  # eagerly, as in a notebook
     assert logits.shape == (2, 7) and logits.dtype == jnp.float32
     out, state = model.apply(
         variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(1)}

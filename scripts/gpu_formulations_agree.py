@@ -26,7 +26,7 @@ def logits_error(name: str) -> tuple[float, float]:
     """(windows vs xla logits, bf16 vs fp32 logits) of a random `name` at width 0.35."""
     x = jax.random.normal(jax.random.key(0), (4, 64, 64, 3))
     model = ca_flax.create_model(name, width_mult=0.35)
-    variables = model.init(jax.random.key(1), x)
+    variables = ca_flax.init_variables(model, jax.random.key(1), x)
     logits = {}
     for formulation in ("windows", "xla"):
         with conv_formulation(formulation):

@@ -101,7 +101,9 @@ def test_rerun_of_a_finished_run_keeps_its_summary(
     workdir = tmp_path / "run"
     shutil.copytree(uninterrupted, workdir)
     before = json.loads((workdir / "summary.json").read_text())
-    train_helpers.run_train(workdir, *RUN, cache_dir=cache_dir)
+    # A resumed run restores its checkpoint without computing a fresh init or reading init_from.
+    gone = f"--config.init_from={tmp_path / 'deleted_pretrained'}"
+    train_helpers.run_train(workdir, *RUN, gone, cache_dir=cache_dir)
     after = json.loads((workdir / "summary.json").read_text())
     assert after["images_per_second"] == before["images_per_second"] > 0
     assert after["best_checkpoint_step"] == before["best"]["step"]

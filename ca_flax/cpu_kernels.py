@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -101,6 +102,7 @@ def build(compiler: str = "c++") -> Path:
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_builds(out.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     os.close(fd)
     try:
@@ -113,6 +115,14 @@ def build(compiler: str = "c++") -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return out
+
+
+def _remove_abandoned_builds(directory: Path) -> None:
+    """Delete temporary libraries that a killed build left (older than any build may take)."""
+    for tmp in directory.glob(".ca_flax_kernels-*"):
+        with contextlib.suppress(OSError):  # another process may remove it first
+            if time.time() - tmp.stat().st_mtime > 2 * BUILD_TIMEOUT_S:
+                tmp.unlink()
 
 
 @functools.cache

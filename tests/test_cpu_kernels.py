@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from functools import partial
 
 import jax
@@ -337,10 +338,18 @@ def test_gradients_through_inference_match_xla_loops(name, monkeypatch):
 
 
 def test_build_is_cached_per_machine_and_failures_leave_nothing(tmp_path, monkeypatch):
-    """A build goes to the cache folder once (the second call reuses the file); a compiler that
-    fails raises with what it printed and leaves no file behind; a missing one is named."""
+    """A build goes to the cache folder once (the second call reuses the file) and clears what
+    killed builds left; a compiler that fails raises with what it printed and leaves no file
+    behind; a missing one is named."""
     monkeypatch.setenv("CA_FLAX_KERNEL_CACHE", str(tmp_path / "cache"))
+    # What a killed build leaves (a day old) is cleared; one that may still be building stays.
+    (tmp_path / "cache").mkdir()
+    abandoned, building = (tmp_path / "cache" / f".ca_flax_kernels-x.so.{n}" for n in (1, 2))
+    abandoned.write_bytes(b"half")
+    building.write_bytes(b"half")
+    os.utime(abandoned, (time.time() - 86400,) * 2)
     built = cpu_kernels.build()
+    assert not abandoned.exists() and building.exists()
     assert built.parent == tmp_path / "cache" and built.stat().st_size > 0
     mtime = built.stat().st_mtime_ns
     assert cpu_kernels.build() == built and built.stat().st_mtime_ns == mtime

@@ -34,9 +34,18 @@ class _Draws:
             self.shapes.append(tuple(shape))
             return jnp.zeros(shape, dtype)
         size = math.prod(shape)
+        if self.offset + size > self.values.size:
+            raise _traces_differ(self.values.size, f"a {tuple(shape)} parameter beyond them")
         out = self.values[self.offset : self.offset + size]
         self.offset += size
         return out.reshape(shape).astype(dtype)
+
+
+def _traces_differ(recorded: int, asked: str) -> RuntimeError:
+    return RuntimeError(
+        f"init_variables: the model's first trace drew {recorded} values and its second asked "
+        f"for {asked}; its parameters must depend on nothing but the init arguments"
+    )
 
 
 _DRAWS: contextvars.ContextVar[_Draws | None] = contextvars.ContextVar(
@@ -90,6 +99,6 @@ def _init(model: nn.Module, key: Array, *args: Any, **kwargs: Any) -> dict[str, 
     total = sum(math.prod(shape) for shape in recorded.shapes)
     with _drawing_from(_Draws(jax.random.normal(draw_key, (total,)))) as draws:
         variables = model.init(init_key, *args, **kwargs)
-    if draws.offset != total:  # the second trace asked for other draws than the first
-        raise RuntimeError(f"init drew {draws.offset} values where its shapes need {total}")
+    if draws.offset != total:
+        raise _traces_differ(total, f"only {draws.offset}")
     return variables

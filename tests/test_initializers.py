@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+from dataclasses import field
 
+import flax.linen as nn
 import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import ca_flax
 from ca_flax.initializers import conv_init, dense_init
@@ -91,3 +95,25 @@ def test_initializers_draw_with_their_own_key_outside_init_variables():
     np.testing.assert_array_equal(kernel, conv_init(key, (3, 3, 64, 256)))
     assert abs(float(jnp.std(kernel)) / math.sqrt(2.0 / (9 * 256)) - 1) < 0.02
     assert abs(float(jnp.std(dense_init(key, (512, 1000)))) / 0.01 - 1) < 0.02
+
+
+class GrowsEachTrace(nn.Module):
+    """A module whose parameter count depends on state outside its arguments: one more He
+    kernel each time it is traced (`step` > 0) or one fewer (`step` < 0)."""
+
+    step: int
+    traces: itertools.count = field(default_factory=itertools.count)
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for i in range(3 + self.step * next(self.traces)):
+            x = x + self.param(f"w{i}", conv_init, (1, 1, 3, 3)).sum()
+        return x
+
+
+@pytest.mark.parametrize("step", [1, -1], ids=["more", "fewer"])
+def test_init_that_changes_between_traces_is_refused(step):
+    """The draws are laid out by a first, abstract trace; a second trace asking for more or
+    fewer values is named as the cause rather than handing out wrong slices."""
+    with pytest.raises(RuntimeError, match="first trace drew 27 values .* depend on nothing"):
+        ca_flax.init_variables(GrowsEachTrace(step), jax.random.key(0), X)

@@ -143,10 +143,9 @@ class Sequential:
         the scale into the first conv's weights instead costs a pass over the large weights of
         the 7x7 blocks each call.) The parameters and their names are the same either way.
         """
-        if not self._fuses_expand(x):
-            y = self.bn(self.pointwise(x, hidden))
-            return self.expand_depthwise_bn(y, features, stride, relu6, residual)
         y = self.pointwise(x, hidden)
+        if not self._fuses_expand(x):
+            return self.expand_depthwise_bn(self.bn(y), features, stride, relu6, residual)
         mul, shift = self.bn_affine(hidden)
         expand = Conv1x1(features, dtype=self.dtype, name=self._name())(y, as_matrix=True)
         scaled = mul[:, None] * expand

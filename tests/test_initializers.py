@@ -6,6 +6,7 @@ import itertools
 import math
 from dataclasses import field
 
+import chex
 import flax.linen as nn
 import jax
 import jax.extend
@@ -41,8 +42,7 @@ def test_init_variables_is_model_init_drawn_at_once():
     key = jax.random.key(0)
     variables = ca_flax.init_variables(model, key, X, train=False)
     expected = jax.eval_shape(lambda: model.init(key, X, train=False))
-    as_spec = lambda tree: jax.tree.map(lambda a: (a.shape, a.dtype), tree)  # noqa: E731
-    assert as_spec(variables) == as_spec(expected)
+    chex.assert_trees_all_equal_shapes_and_dtypes(variables, expected)
 
     kernels = [a for p, a in jax.tree_util.tree_leaves_with_path(variables["params"])
                if p[-1].key == "kernel"]  # fmt: skip

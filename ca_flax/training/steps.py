@@ -56,6 +56,12 @@ def data_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P("data"))
 
 
+def fresh_variables(model: nn.Module, image_size: int, seed: int) -> dict[str, Any]:
+    """The model's random initial variables for `seed` (what `init_from` starts from, too)."""
+    dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    return init_variables(model, jax.random.key(seed), dummy, train=False)
+
+
 def init_state(
     model: nn.Module,
     tx: optax.GradientTransformation,
@@ -69,8 +75,7 @@ def init_state(
 
     def make(variables: dict[str, Any] | None) -> TrainState:
         if variables is None:
-            dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-            variables = init_variables(model, jax.random.key(seed), dummy, train=False)
+            variables = fresh_variables(model, image_size, seed)
         params, batch_stats = variables["params"], variables["batch_stats"]
         ema = {"params": params, "batch_stats": batch_stats} if use_ema else {}
         return TrainState(

@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from ca_flax.initializers import init_variables
 from ca_flax.registry import create_model
 from ca_flax.training import config_check, optim, steps
 from ca_flax.training.checkpoints import Checkpointer, PreemptionFlag
@@ -120,8 +119,7 @@ class Trainer:
         if cfg.init_from:
             from ca_flax.training.finetune import load_init_variables
 
-            dummy = jnp.zeros((1, cfg.image_size, cfg.image_size, 3), jnp.float32)
-            fresh = init_variables(self.model, jax.random.key(cfg.seed), dummy, train=False)
+            fresh = steps.fresh_variables(self.model, cfg.image_size, cfg.seed)
             variables = load_init_variables(cfg.init_from, fresh, cfg.model, cfg.width_mult)
         return steps.init_state(*setup, cfg.seed, cfg.ema_decay > 0, self.mesh, variables)
 

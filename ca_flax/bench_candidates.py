@@ -34,6 +34,7 @@ from ca_flax.roofline import xla_cost, xla_memory_mb
 
 REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "torch_reference.py"
 Step = Callable[[], None]
+OPTIMIZER = optax.sgd(0.01, momentum=0.9)  # the train step's, as in PyTorch's candidates
 
 
 @dataclass
@@ -56,6 +57,28 @@ def initial_variables(name: str, dtype: Any, width: float) -> dict[str, Any]:
     """One model's random variables, shared by its candidates (blocking does not change them)."""
     model = create_model(name, dtype=dtype, width_mult=width)
     return init_variables(model, jax.random.key(0), jnp.zeros((1, 32, 32, 3), dtype), train=False)
+
+
+def make_train_step(model: Any) -> Callable[..., Any]:
+    """The benchmark's train step: forward, cross-entropy backward, SGD with momentum, BatchNorm
+    update. Its state is (params, batch_stats, OPTIMIZER's state); dropout uses the step's key."""
+
+    def train_step(state, x, labels, key):
+        params, stats, opt = state
+
+        def loss_fn(p):
+            logits, new = model.apply(
+                {"params": p, "batch_stats": stats}, x, train=True,
+                mutable=["batch_stats"], rngs={"dropout": key},
+            )  # fmt: skip
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            return loss, new["batch_stats"]
+
+        (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt = OPTIMIZER.update(grads, opt, params)
+        return optax.apply_updates(params, updates), stats, opt
+
+    return train_step
 
 
 def jax_candidate(
@@ -83,7 +106,6 @@ def jax_candidate(
     x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, size, size, 3)), dtype)
     labels = jnp.zeros((batch,), jnp.int32)
     variables = initial_variables(name, jnp.dtype(dtype), width)
-    tx = optax.sgd(0.01, momentum=0.9)
     if mode == "infer" and devices > 1:
         spread = make_inference_fn(model, variables, jax.local_devices()[:devices])
         fn, args = spread.jitted, (spread.variables, jax.device_put(x, spread.split))
@@ -91,25 +113,9 @@ def jax_candidate(
         fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
         args = (variables, x)
     else:
-
-        def train_step(state, x, labels, key):
-            params, stats, opt = state
-
-            def loss_fn(p):
-                logits, new = model.apply(
-                    {"params": p, "batch_stats": stats}, x, train=True,
-                    mutable=["batch_stats"], rngs={"dropout": key},
-                )  # fmt: skip
-                loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-                return loss, new["batch_stats"]
-
-            (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-            updates, opt = tx.update(grads, opt, params)
-            return optax.apply_updates(params, updates), stats, opt
-
-        fn = jax.jit(train_step, donate_argnums=0)
+        fn = jax.jit(make_train_step(model), donate_argnums=0)
         params, stats = jax.tree.map(jnp.copy, (variables["params"], variables["batch_stats"]))
-        args = [(params, stats, tx.init(params)), x, labels, jax.random.key(1)]  # donated
+        args = [(params, stats, OPTIMIZER.init(params)), x, labels, jax.random.key(1)]  # donated
     start = time.perf_counter()
     with (
         conv_formulation(formulation or active_conv_formulation()),

@@ -119,3 +119,26 @@ def test_compiled_torch_inference_is_frozen():
     )
     assert candidate is not None, "torch.compile unavailable here"
     assert counters["inductor"]["binary_folding"] > 0
+
+
+def program_digests(batch: int) -> dict[str, str]:
+    """scripts/program_digest.py's digests for mobilenext at 32x32, by "model mode"."""
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "program_digest.py")
+    result = subprocess.run(
+        [sys.executable, script, "--models", "mobilenext", "--batch", str(batch), "--size", "32"],
+        capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split() for line in result.stdout.splitlines()[1:]]
+    return {f"{name} {mode}": digest for name, mode, digest in rows}
+
+
+def test_program_digest_is_stable_across_processes_and_tells_programs_apart():
+    """The GPU programs' digests (scripts/program_digest.py) say whether a change altered what a
+    GPU measurement ran: equal in another process (no source locations or ids in them),
+    different for another program (batch, or train against inference)."""
+    first, again, other = program_digests(2), program_digests(2), program_digests(4)
+    assert set(first) == {"mobilenext train", "mobilenext infer"}
+    assert first == again
+    assert len(set(first.values())) == 2
+    assert not set(first.values()) & set(other.values())

@@ -1,0 +1,70 @@
+"""Digests of the programs the GPU benchmark times, traced here on CPU: whether a change since a
+GPU measurement altered what the GPU runs (same digest: the measured numbers still apply).
+
+Each digest is the SHA-256 of the StableHLO (without source locations) that `ca_flax.bench`
+jits on a GPU, batch 256, 224x224, bfloat16: the train step and inference, both in the GPU's
+default `xla` formulation, with no CPU kernels and no blocking. Traced abstractly: no arrays,
+no compile. Digests depend on the jax version, so compare runs with the same jax.
+
+    python scripts/program_digest.py [--models mobilenetv2_ca mobilenext] [--batch 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from ca_flax import cpu_kernels
+from ca_flax.bench_candidates import OPTIMIZER, make_train_step
+from ca_flax.layers import conv_formulation
+from ca_flax.registry import create_model
+
+DTYPE = jnp.bfloat16
+
+
+def stablehlo_digest(fn: Callable[..., Any], *args: Any) -> str:
+    """SHA-256 (first 16 hex digits) of `jax.jit(fn)` lowered for `args`, locations left out."""
+    module = jax.jit(fn).lower(*args).compiler_ir("stablehlo")
+    text = module.operation.get_asm(enable_debug_info=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def gpu_program_digests(name: str, batch: int, size: int) -> dict[str, str]:
+    """{"train": ..., "infer": ...} for model `name`, traced as the GPU benchmark traces it."""
+    model = create_model(name, dtype=DTYPE, inference_block_mb=0.0)
+    image = jax.ShapeDtypeStruct((batch, size, size, 3), DTYPE)
+    labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    with conv_formulation("xla"), cpu_kernels.use_kernels(False):
+        variables = jax.eval_shape(
+            lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3), DTYPE), train=False)
+        )
+        params, stats = variables["params"], variables["batch_stats"]
+        state = (params, stats, jax.eval_shape(OPTIMIZER.init, params))
+        key = jax.eval_shape(lambda: jax.random.key(1))
+        return {
+            "train": stablehlo_digest(make_train_step(model), state, image, labels, key),
+            "infer": stablehlo_digest(
+                lambda v, x: model.apply(v, x, train=False), variables, image
+            ),
+        }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["mobilenetv2_ca", "mobilenext"])
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--size", type=int, default=224)
+    args = parser.parse_args()
+    print(f"jax {jax.__version__}, batch {args.batch}, {args.size}x{args.size}, bfloat16, xla")
+    for name in args.models:
+        for mode, digest in gpu_program_digests(name, args.batch, args.size).items():
+            print(f"{name:16s} {mode:6s} {digest}")
+
+
+if __name__ == "__main__":
+    main()

@@ -239,14 +239,17 @@ def jax_candidates(name: str, mode: str, batch: int, args: argparse.Namespace) -
         jax_candidate(*shape, formulation=formulation)
         for formulation in args.formulations or [None]
     ]
+    cpu_kernels_here = jax.default_backend() == "cpu" and cpu_kernels.available()
     if mode == "infer" and block_budget_mb() > 0:  # XLA's own program: no blocking, no kernel
         # (XLA's cost analysis, the FLOP count for every row, cannot see into a kernel call).
         candidates.append(jax_candidate(*shape, block_mb=0.0, kernels=False))
+    if mode == "train" and cpu_kernels_here:  # what the kernel gradient gains; XLA's count
+        candidates.append(jax_candidate(*shape, kernels=False))
     devices = jax.local_device_count()
     cpu_inference = mode == "infer" and jax.default_backend() == "cpu"
     if cpu_inference and devices > 1:
         candidates.append(jax_candidate(*shape, devices=devices))
-    if cpu_inference and cpu_kernels.available():  # what the CPU kernels gain, on every core
+    if cpu_inference and cpu_kernels_here:  # what the CPU kernels gain, on every core
         candidates.append(jax_candidate(*shape, devices=devices, kernels=False))
     return candidates
 

@@ -124,9 +124,11 @@ def jax_candidate(
         compiled = fn.lower(*args).compile()
     compile_s = time.perf_counter() - start
     memory_mb = xla_memory_mb(compiled)
-    # A blocked program is a loop: XLA's cost analysis counts one trip, so only unblocked counts.
+    # XLA's cost analysis counts one trip of a loop (a blocked program) and cannot see into a
+    # kernel call: only programs with neither are counted.
     blocked = mode == "infer" and block_budget_mb(block_mb) > 0
-    flops, bytes_accessed = (None, None) if blocked else xla_cost(compiled)
+    opaque = blocked or 'custom_call_target="ca_flax_' in compiled.as_text()
+    flops, bytes_accessed = (None, None) if opaque else xla_cost(compiled)
 
     outputs = []
 

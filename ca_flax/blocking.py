@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 
 from ca_flax import cpu_kernels
+from ca_flax.convolutions import strided
 from ca_flax.image_slice import ImageSlice
-from ca_flax.layers import Array, cpu_kernel_inference, strided
+from ca_flax.layers import Array, cpu_kernel_inference
 
 # Chunk working sets up to this size ran best on the 2-core CPU measured (2 MB L2 per core).
 CPU_BLOCK_MB = 3.0

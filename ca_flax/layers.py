@@ -18,6 +18,13 @@ import jax
 import jax.numpy as jnp
 
 from ca_flax import cpu_kernels
+from ca_flax.convolutions import (
+    accum_dtype,
+    conv3x3_im2col,
+    depthwise_conv3x3,
+    depthwise_conv3x3_train,
+    xla_conv,
+)
 from ca_flax.image_slice import ImageSlice, as_array
 from ca_flax.initializers import conv_init
 
@@ -32,16 +39,6 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
     if rounded < 0.9 * value:
         rounded += divisor
     return rounded
-
-
-def accum_dtype(dtype: Dtype) -> Dtype:
-    """Dtype for statistics and sums: float32 for bf16/fp32 compute, float64 under x64."""
-    return jnp.promote_types(dtype, jnp.float32)
-
-
-def strided(size: int, stride: int) -> int:
-    """Output length of a kernel-3, padding-1 (or 1x1) convolution along one axis."""
-    return (size - 1) // stride + 1
 
 
 def relu6(x: Array) -> Array:
@@ -209,63 +206,6 @@ class BatchNorm(nn.Module):
         return y
 
 
-def xla_conv(x: Array, kernel: Array, stride: int = 1, depthwise: bool = False) -> Array:
-    """The lax convolution of a (k, k, in/groups, out) HWIO kernel, padding k // 2, NHWC."""
-    pad = kernel.shape[0] // 2
-    return jax.lax.conv_general_dilated(
-        x,
-        kernel,
-        window_strides=(stride, stride),
-        padding=((pad, pad), (pad, pad)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=x.shape[-1] if depthwise else 1,
-    )
-
-
-def shifted_windows(x: Array, stride: int) -> list[Array]:
-    """The nine (i, j) windows of x padded by 1 that a 3x3 kernel at `stride` multiplies,
-    each shaped like the output (N, H_out, W_out, C), in row-major tap order."""
-    n, h, w, c = x.shape
-    h_out, w_out = strided(h, stride), strided(w, stride)
-    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    return [
-        jax.lax.slice(
-            padded,
-            (0, i, j, 0),
-            (n, i + stride * (h_out - 1) + 1, j + stride * (w_out - 1) + 1, c),
-            (1, stride, stride, 1),
-        )
-        for i in range(3)
-        for j in range(3)
-    ]
-
-
-def depthwise_conv3x3(x: Array, kernel: Array, stride: int) -> Array:
-    """Depthwise 3x3 convolution, padding 1, as a sum of nine shifted multiplies.
-
-    XLA's grouped convolution is 5-35x slower than this on CPU for these shapes; nine strided
-    slices of the padded input fuse into a single elementwise loop forward and backward.
-    (On GPU cuDNN's depthwise kernels win: see CONV_FORMULATIONS.) `kernel` is (3, 3, 1, C).
-    """
-    acc = accum_dtype(x.dtype)
-    taps = kernel.reshape(9, x.shape[-1]).astype(acc)
-    out = None
-    for tap, window in zip(taps, shifted_windows(x, stride), strict=True):
-        term = window.astype(acc) * tap
-        out = term if out is None else out + term
-    return out.astype(x.dtype)
-
-
-def conv3x3_im2col(x: Array, kernel: Array, stride: int) -> Array:
-    """Dense 3x3 convolution, padding 1, as one matmul over the nine windows' channels.
-
-    For the 3-channel stem this is 1.8x XLA's CPU convolution on a cache-sized chunk of
-    images (0.57 vs 1.03 ms per 224x224 image); `kernel` is (3, 3, C_in, C_out) (HWIO).
-    """
-    patches = jnp.concatenate(shifted_windows(x, stride), axis=-1)
-    return jnp.dot(patches, kernel.reshape(-1, kernel.shape[-1]))
-
-
 def cpu_kernel_inference(x: Array, train: bool, dtype: Dtype) -> bool:
     """Whether a layer on `x` runs as ca_flax's own CPU kernel: float32 inference on the CPU
     backend with 'windows' convolutions, where the kernels are built and wanted
@@ -275,7 +215,13 @@ def cpu_kernel_inference(x: Array, train: bool, dtype: Dtype) -> bool:
     keeps XLA's loops (export with concrete shapes under `cpu_kernels.use_kernels(False)`, or
     under the 'xla' formulation as `ca_flax.export` does).
     """
-    if train or jnp.dtype(dtype) != jnp.float32 or active_conv_formulation() != "windows":
+    return not train and cpu_kernels_run(x, dtype)
+
+
+def cpu_kernels_run(x: Array, dtype: Dtype) -> bool:
+    """Whether ca_flax's CPU kernels run on `x` (in inference or training): float32 on the CPU
+    backend with 'windows' convolutions and concrete shapes, the kernels built and wanted."""
+    if jnp.dtype(dtype) != jnp.float32 or active_conv_formulation() != "windows":
         return False
     if not all(isinstance(d, int) for d in x.shape):
         return False
@@ -295,16 +241,23 @@ class DepthwiseConv3x3(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: Array, fused: dict[str, Any] | None = None, channels: int | None = None
+        self,
+        x: Array,
+        fused: dict[str, Any] | None = None,
+        channels: int | None = None,
+        train: bool = False,
     ) -> Array | tuple[Array, Array, Array]:
         """The conv of `x`; `channels` (default: `x`'s) when `fused` expands `x` first; with the
-        row and column sums when `fused` asks for `sums`."""
+        row and column sums when `fused` asks for `sums`. In `train`ing on the CPU its kernel
+        gradient is one kernel pass (`depthwise_conv3x3_train`)."""
         kernel = self.param("kernel", conv_init, (3, 3, 1, channels or x.shape[-1]), jnp.float32)
         if fused is not None:
             return cpu_kernels.depthwise3x3_affine(x, kernel, stride=self.stride, **fused)
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         if active_conv_formulation() == "xla":
             return xla_conv(x, kernel, self.stride, depthwise=True)
+        if train and cpu_kernels_run(x, self.dtype):
+            return depthwise_conv3x3_train(x, kernel, self.stride)
         return depthwise_conv3x3(x, kernel, self.stride)
 
 
@@ -331,7 +284,11 @@ class Conv1x1(nn.Module):
         if active_conv_formulation() == "xla":
             y = xla_conv(x, kernel)
         else:
-            y = jnp.dot(x, kernel[0, 0])
+            # A matmul over the pixels as rows: its kernel gradient then contracts one axis.
+            # Contracting (N, H, W), XLA:CPU wrote the incoming gradient out transposed (114 ms
+            # of 1.2 s in a mobilenetv2_ca train step, batch 16, for one layer).
+            y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel[0, 0])
+            y = y.reshape(*x.shape[:-1], self.features)
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
             y = y + bias.astype(self.dtype)

@@ -10,8 +10,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ca_flax.attention import attention_factory
+from ca_flax.convolutions import strided
 from ca_flax.image_slice import ImageSlice, as_array
-from ca_flax.layers import Array, Dtype, make_divisible, strided
+from ca_flax.layers import Array, Dtype, make_divisible
 from ca_flax.network import ClassifierNet
 from ca_flax.sequential import Sequential, may_fuse
 

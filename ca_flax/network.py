@@ -13,8 +13,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ca_flax.blocking import CPU_BLOCK_MB, block_budget_mb, run_layers
+from ca_flax.convolutions import accum_dtype
 from ca_flax.initializers import dense_init
-from ca_flax.layers import Array, Dtype, accum_dtype
+from ca_flax.layers import Array, Dtype
 
 
 class ClassifierNet(nn.Module):

@@ -70,7 +70,7 @@ class Sequential:
         return conv1x1(features, self._name(), self.dtype)(x)
 
     def depthwise(self, x: Array, stride: int = 1) -> Array:
-        return DepthwiseConv3x3(stride, self.dtype, name=self._name())(x)
+        return DepthwiseConv3x3(stride, self.dtype, name=self._name())(x, train=self.train)
 
     def depthwise_bn(
         self,

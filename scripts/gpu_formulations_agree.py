@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import ca_flax
-from ca_flax.layers import conv_formulation, depthwise_conv3x3, xla_conv
+from ca_flax.convolutions import depthwise_conv3x3, xla_conv
+from ca_flax.layers import conv_formulation
 
 
 def rel(a: jax.Array, b: jax.Array) -> float:

@@ -17,7 +17,8 @@ from tiny_models import random_variables
 
 import ca_flax
 from ca_flax import cpu_kernels, sequential
-from ca_flax.layers import conv3x3_im2col, conv_formulation, depthwise_conv3x3, relu6
+from ca_flax.convolutions import conv3x3_im2col, depthwise_conv3x3
+from ca_flax.layers import conv_formulation, relu6
 
 
 def test_kernels_build_and_register_here():

@@ -15,14 +15,8 @@ from tiny_models import random_variables
 import ca_flax
 from ca_flax import cpu_kernels
 from ca_flax.blocking import chunk_size
-from ca_flax.layers import (
-    active_conv_formulation,
-    conv3x3_im2col,
-    conv_formulation,
-    depthwise_conv3x3,
-    make_divisible,
-    xla_conv,
-)
+from ca_flax.convolutions import conv3x3_im2col, depthwise_conv3x3, xla_conv
+from ca_flax.layers import active_conv_formulation, conv_formulation, make_divisible
 from ca_flax.summary import count_params
 
 # Exact counts of the released layouts; SE/CBAM/MobileNeXt+CA as derived in summary.py.

@@ -22,7 +22,8 @@ import torch_reference
 
 import ca_flax
 from ca_flax.convert import convert_state_dict, expected_layout
-from ca_flax.layers import CONV_FORMULATIONS, accum_dtype, conv_formulation
+from ca_flax.convolutions import accum_dtype
+from ca_flax.layers import CONV_FORMULATIONS, conv_formulation
 
 NUM_CLASSES = 10
 

@@ -7,6 +7,7 @@ and processes (XLA inserts the cross-device reductions).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -105,6 +106,13 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy(logits, targets)
 
 
+def kernels_on_one_device() -> contextlib.AbstractContextManager[None]:
+    """ca_flax's CPU kernels (`ca_flax.cpu_kernels`) on one device only: on a multi-device mesh
+    the model keeps XLA's loops, since XLA's SPMD partitioner cannot split a kernel call over
+    the batch and would gather it on every device."""
+    return cpu_kernels.use_kernels(jax.device_count() == 1)
+
+
 def make_train_step(
     model: nn.Module, tx: optax.GradientTransformation, config: Any, schedule: optax.Schedule
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, Metrics]]:
@@ -125,13 +133,14 @@ def make_train_step(
 
         def loss_fn(params: Any) -> tuple[jax.Array, tuple[jax.Array, Any]]:
             variables = {"params": params, "batch_stats": state.batch_stats}
-            logits, updated = model.apply(
-                variables,
-                images,
-                train=True,
-                mutable=["batch_stats"],
-                rngs={"dropout": dropout_key},
-            )
+            with kernels_on_one_device():
+                logits, updated = model.apply(
+                    variables,
+                    images,
+                    train=True,
+                    mutable=["batch_stats"],
+                    rngs={"dropout": dropout_key},
+                )
             return cross_entropy(logits, targets).mean(), (logits, updated["batch_stats"])
 
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -156,14 +165,10 @@ def make_train_step(
 
 
 def make_eval_step(model: nn.Module) -> Callable[[dict[str, Any], dict[str, jax.Array]], Metrics]:
-    """Sums of loss, top-1 and top-5 hits and example count over the unmasked rows.
-
-    On a multi-device mesh the model keeps XLA's loops: XLA's SPMD partitioner cannot split a
-    CPU kernel call (`ca_flax.cpu_kernels`) over the batch and would gather it on every device.
-    """
+    """Sums of loss, top-1 and top-5 hits and example count over the unmasked rows."""
 
     def eval_fn(variables: dict[str, Any], batch: dict[str, jax.Array]) -> Metrics:
-        with cpu_kernels.use_kernels(jax.device_count() == 1):
+        with kernels_on_one_device():
             logits = model.apply(variables, batch["image"], train=False)
         labels, mask = batch["label"], batch["mask"]
         onehot = jax.nn.one_hot(labels, logits.shape[-1])

@@ -1,0 +1,94 @@
+// Kernel gradient of a depthwise 3x3 convolution (padding 1, stride 1 or 2) in one pass over its
+// input and output gradient: an XLA FFI handler for CPU training.
+//
+//   dk[i * 3 + j, c] = sum over n, yo, xo of x[n, yo * s + i - 1, xo * s + j - 1, c] * g[n, yo, xo, c]
+//
+// (zero outside the image). XLA:CPU runs these as nine reductions, each over a shifted copy of
+// the input that it writes first: 74 ms for a (16, 112, 112, 32) layer on one 2-core Xeon, where
+// the layer's forward pass took 4.5. Here each output row of `g` is read once and multiplied
+// into nine vector accumulators per group of channels, with its three input rows in cache.
+// Each row's partial sums (at most W terms) are added into double totals, so the result does
+// not depend on how many rows there are.
+#include <cstdint>
+#include <vector>
+
+#include "simd.h"
+
+namespace {
+
+using namespace ca_flax;
+
+struct Shape {
+  int64_t height, width, channels, out_height, out_width, stride;
+};
+
+// Adds one output row's products for the channels [c, c + kLanes<V>) into `total` (9, C):
+// `rows` are the three input rows the windows cover (a zero row outside the image).
+template <typename V>
+inline void RowTaps(const Shape& s, const float* const rows[3], const float* g, int64_t c,
+                    double* total) {
+  V acc[9] = {};
+  for (int64_t xo = 0; xo < s.out_width; ++xo) {
+    const V gv = Load<V>(g + xo * s.channels + c);
+    const int64_t x0 = xo * s.stride - 1;
+    const bool inside = x0 >= 0 && x0 + 2 < s.width;
+    CA_FLAX_UNROLL for (int j = 0; j < 3; ++j) {
+      const int64_t xi = x0 + j;
+      if (!inside && (xi < 0 || xi >= s.width)) continue;
+      CA_FLAX_UNROLL for (int i = 0; i < 3; ++i) {
+        acc[i * 3 + j] += Load<V>(rows[i] + xi * s.channels + c) * gv;
+      }
+    }
+  }
+  constexpr int64_t L = kLanes<V>;
+  for (int t = 0; t < 9; ++t) {
+    float lanes[L];
+    Store<V>(lanes, acc[t]);
+    for (int64_t l = 0; l < L; ++l) total[t * s.channels + c + l] += lanes[l];
+  }
+}
+
+void KernelGrad(const Shape& s, int64_t batch, const float* x, const float* g, float* dk) {
+  const int64_t C = s.channels, row = s.width * C;
+  const std::vector<float> zeros(row, 0.0f);
+  std::vector<double> total(9 * C, 0.0);
+  for (int64_t n = 0; n < batch; ++n) {
+    for (int64_t yo = 0; yo < s.out_height; ++yo) {
+      const float* rows[3];
+      for (int i = 0; i < 3; ++i) {
+        const int64_t yi = yo * s.stride + i - 1;
+        rows[i] = yi >= 0 && yi < s.height ? x + (n * s.height + yi) * row : zeros.data();
+      }
+      const float* grow = g + (n * s.out_height + yo) * s.out_width * C;
+      int64_t c = 0;
+      if constexpr (kWide) {
+        for (; c + 16 <= C; c += 16) RowTaps<f32x16>(s, rows, grow, c, total.data());
+      }
+      for (; c + 8 <= C; c += 8) RowTaps<f32x8>(s, rows, grow, c, total.data());
+      for (; c < C; ++c) RowTaps<float>(s, rows, grow, c, total.data());
+    }
+  }
+  for (int64_t k = 0; k < 9 * C; ++k) dk[k] = static_cast<float>(total[k]);
+}
+
+ffi::Error DepthwiseKernelGrad(Tensor4 x, Tensor4 g, ffi::Result<Matrix> dk, int64_t stride) {
+  const auto d = x.dimensions(), gd = g.dimensions(), kd = dk->dimensions();
+  if (stride != 1 && stride != 2) return ffi::Error::InvalidArgument("stride must be 1 or 2");
+  const Shape s{d[1], d[2], d[3], Strided(d[1], stride), Strided(d[2], stride), stride};
+  if (gd[0] != d[0] || gd[1] != s.out_height || gd[2] != s.out_width || gd[3] != s.channels ||
+      kd[0] != 9 || kd[1] != s.channels) {
+    return ffi::Error::InvalidArgument(
+        "g must be (N, H_out, W_out, C) for x at the stride, and the gradient (9, C)");
+  }
+  KernelGrad(s, d[0], x.typed_data(), g.typed_data(), dk->typed_data());
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CaFlaxDepthwiseKernelGrad, DepthwiseKernelGrad,
+                              ffi::Ffi::Bind()
+                                  .Arg<Tensor4>()  // x
+                                  .Arg<Tensor4>()  // g, the output's gradient
+                                  .Ret<Matrix>()   // (9, C)
+                                  .Attr<int64_t>("stride"));

@@ -1,0 +1,115 @@
+"""CPU training with ca_flax's kernels: the depthwise kernel gradient in one pass
+(`cpu_kernels.depthwise3x3_kernel_grad`) gives autodiff's numbers, alone and in whole train
+steps, and only training uses it."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from tiny_models import random_variables
+
+import ca_flax
+from ca_flax import cpu_kernels
+from ca_flax.convolutions import depthwise_conv3x3, depthwise_conv3x3_train, strided
+
+TARGET = cpu_kernels.KERNEL_GRAD_TARGET
+
+
+def kernel_grad_float64(x: np.ndarray, g: np.ndarray, stride: int) -> np.ndarray:
+    """The (3, 3, 1, C) kernel gradient summed in float64 with numpy, window by window."""
+    x, g = x.astype(np.float64), g.astype(np.float64)
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    h, w = g.shape[1:3]
+    taps = [
+        np.einsum(
+            "nhwc,nhwc->c", padded[:, i : i + stride * h : stride, j : j + stride * w : stride], g
+        )
+        for i in range(3)
+        for j in range(3)
+    ]
+    return np.stack(taps).reshape(3, 3, 1, -1)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 9, 13, 37), (1, 8, 8, 29), (3, 1, 5, 8), (1, 2, 1, 3), (0, 4, 4, 5)],
+    ids=["16+16+5lanes", "16+8+5lanes", "one_row", "tiny", "no_images"],
+)
+def test_kernel_gradient_matches_float64(shape, stride):
+    """Every lane width (16, 8, single), the image borders, odd sizes and an empty batch: the
+    kernel's sums are autodiff's to float32 rounding (its row totals add up in float64)."""
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    out_shape = (shape[0], strided(shape[1], stride), strided(shape[2], stride), shape[3])
+    g = np.random.default_rng(1).standard_normal(out_shape).astype(np.float32)
+    got = jax.jit(cpu_kernels.depthwise3x3_kernel_grad, static_argnums=2)(x, g, stride)
+    want = kernel_grad_float64(x, g, stride)
+    assert got.shape == (3, 3, 1, shape[3]) and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(want).max()))
+
+
+def test_kernel_gradient_refuses_a_gradient_of_another_shape():
+    x, g = jnp.ones((1, 8, 8, 4)), jnp.ones((1, 8, 8, 4))
+    with pytest.raises(ValueError, match=r"g \(1, 8, 8, 4\) is not the output shape"):
+        cpu_kernels.depthwise3x3_kernel_grad(x, g, 2)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_train_depthwise_has_autodiffs_gradients_and_batches(stride):
+    """`depthwise_conv3x3_train`: the same forward, input and kernel gradients as autodiff of
+    the windows, one kernel call in its gradient's program, and per-example gradients (vmap)."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((3, 10, 7, 21)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((3, 3, 1, 21)), jnp.float32)
+
+    def loss(conv):  # noqa: ANN001, ANN202
+        return lambda x, k: jnp.sum(jnp.sin(conv(x, k, stride)))
+
+    grad_fn = jax.grad(loss(depthwise_conv3x3_train), (0, 1))
+    got, want = jax.jit(grad_fn)(x, k), jax.grad(loss(depthwise_conv3x3), (0, 1))(x, k)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
+    assert jax.jit(grad_fn).lower(x, k).as_text().count(TARGET) == 1
+    np.testing.assert_allclose(
+        depthwise_conv3x3_train(x, k, stride), depthwise_conv3x3(x, k, stride), rtol=1e-6
+    )
+    per_example = jax.vmap(lambda x: grad_fn(x[None], k)[1])(x)
+    np.testing.assert_allclose(per_example.sum(0), want[1], rtol=1e-4, atol=1e-4)
+
+
+def train_gradients(model, variables, x, labels):  # noqa: ANN001, ANN201
+    """Parameter gradients and BatchNorm updates of one train step (dropout off)."""
+
+    def loss(params):  # noqa: ANN001, ANN202
+        logits, new = model.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
+            mutable=["batch_stats"], rngs={"dropout": jax.random.key(0)},
+        )  # fmt: skip
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), new
+
+    return jax.grad(loss, has_aux=True)(variables["params"])
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2_ca", "mobilenext"])
+def test_train_steps_use_the_kernel_gradient_with_the_same_numbers(name):
+    """A whole train step's gradients and BatchNorm updates with the kernel gradient equal
+    those of XLA's loops; every depthwise layer calls it in training, none in inference."""
+    model = ca_flax.create_model(name, num_classes=7, width_mult=0.35, dropout_rate=0.0)
+    variables = random_variables(model)
+    x = jax.random.normal(jax.random.key(0), (4, 32, 40, 3))
+    labels = jnp.arange(4) % 7
+    step = jax.jit(train_gradients, static_argnums=0)
+    got = step(model, variables, x, labels)
+    with cpu_kernels.use_kernels(False):
+        want = jax.jit(lambda *a: train_gradients(model, *a))(variables, x, labels)
+    leaves = jax.tree_util.tree_leaves
+    for a, b in zip(leaves(got), leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4 * float(jnp.abs(b).max()))
+    depthwise = sum(leaf.shape[:3] == (3, 3, 1) for leaf in leaves(variables["params"]))
+    program = step.lower(model, variables, x, labels).as_text()
+    assert depthwise > 0 and program.count(TARGET) == depthwise
+    inference = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x)
+    assert TARGET not in inference.as_text()

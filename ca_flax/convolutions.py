@@ -75,10 +75,11 @@ def depthwise_conv3x3(x: Array, kernel: Array, stride: int) -> Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def depthwise_conv3x3_train(x: Array, kernel: Array, stride: int) -> Array:
-    """`depthwise_conv3x3` whose kernel gradient is one pass of ca_flax's CPU kernel
-    (`cpu_kernels.depthwise3x3_kernel_grad`) instead of autodiff's nine reductions over shifted
-    copies of `x`, which took 16x the layer's forward time; float32 only. Its input gradient is
-    autodiff's. Reverse mode only (a `jax.custom_vjp`): training uses it, inference does not."""
+    """`depthwise_conv3x3` whose gradients come from ca_flax's CPU kernels, float32 only: the
+    kernel gradient in one pass (`cpu_kernels.depthwise3x3_kernel_grad`) instead of autodiff's
+    nine reductions over shifted copies of `x` (16x the layer's forward time), and at stride 2
+    the input gradient (`cpu_kernels.depthwise3x3_input_grad_stride2`); at stride 1 that is
+    autodiff's, one fused loop. Reverse mode only (a `jax.custom_vjp`): training uses it."""
     return depthwise_conv3x3(x, kernel, stride)
 
 
@@ -88,8 +89,12 @@ def _depthwise_train_fwd(x, kernel, stride):  # noqa: ANN001, ANN202
 
 def _depthwise_train_bwd(stride, residuals, g):  # noqa: ANN001, ANN202
     x, kernel = residuals
-    _, input_vjp = jax.vjp(lambda x: depthwise_conv3x3(x, kernel, stride), x)
-    return input_vjp(g)[0], cpu_kernels.depthwise3x3_kernel_grad(x, g, stride)
+    if stride == 2:
+        dx = cpu_kernels.depthwise3x3_input_grad_stride2(g, kernel, x.shape)
+    else:
+        _, input_vjp = jax.vjp(lambda x: depthwise_conv3x3(x, kernel, stride), x)
+        dx = input_vjp(g)[0]
+    return dx, cpu_kernels.depthwise3x3_kernel_grad(x, g, stride)
 
 
 depthwise_conv3x3_train.defvjp(_depthwise_train_fwd, _depthwise_train_bwd)

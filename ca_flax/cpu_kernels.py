@@ -48,9 +48,11 @@ CONV_TARGET = "ca_flax_conv3x3_affine"
 GATE_TARGET = "ca_flax_coordinate_gate"
 UNINITIALIZED_TARGET = "ca_flax_uninitialized"
 KERNEL_GRAD_TARGET = "ca_flax_depthwise3x3_kernel_grad"
+INPUT_GRAD_TARGET = "ca_flax_depthwise3x3_input_grad_stride2"
 TARGETS = {  # -> symbol
     DEPTHWISE_TARGET: "CaFlaxDepthwise3x3",
     KERNEL_GRAD_TARGET: "CaFlaxDepthwiseKernelGrad",
+    INPUT_GRAD_TARGET: "CaFlaxDepthwiseInputGrad",
     CONV_TARGET: "CaFlaxConv3x3",
     GATE_TARGET: "CaFlaxGate",
     UNINITIALIZED_TARGET: "CaFlaxUninitialized",
@@ -194,6 +196,20 @@ def depthwise3x3_kernel_grad(x: Array, g: Array, stride: int) -> Array:
     out = jax.ShapeDtypeStruct((9, c), jnp.float32)
     call = jax.ffi.ffi_call(KERNEL_GRAD_TARGET, out, vmap_method="sequential")
     return call(x, g, stride=np.int64(stride)).reshape(3, 3, 1, c)
+
+
+def depthwise3x3_input_grad_stride2(g: Array, kernel: Array, input_shape: tuple[int, ...]) -> Array:
+    """The input gradient of a stride-2 depthwise 3x3 convolution (padding 1) of an
+    `input_shape` float32 NHWC tensor, from its output gradient `g` and (3, 3, 1, C) `kernel`:
+    each input pixel sums the taps that reach it, where XLA:CPU sums nine zero-interleaved pads
+    element by element. Raises RuntimeError where the kernel is not `available()`, ValueError
+    for a `g` of another shape."""
+    require(INPUT_GRAD_TARGET)
+    out = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
+    if g.shape != _output(out, 2, out.shape[-1]).shape:
+        raise ValueError(f"g {g.shape} is not the stride-2 output shape of {tuple(input_shape)}")
+    call = jax.ffi.ffi_call(INPUT_GRAD_TARGET, out, vmap_method="sequential")
+    return call(g, kernel.reshape(9, -1).astype(jnp.float32))
 
 
 def depthwise3x3_affine(

@@ -1,10 +1,12 @@
-"""Hand-written CPU kernels for inference, compiled on first use and called through XLA's FFI.
+"""Hand-written CPU kernels for inference and for the depthwise layers' training gradients,
+compiled on first use and called through XLA's FFI.
 
 XLA:CPU runs a depthwise 3x3 + BatchNorm + ReLU6 as an elementwise loop over a padded copy of
 its input, and the 3-channel stem as a concatenation of nine slices and a thin matmul; one pass
 each with the taps in registers (`csrc/`) is faster (see the sources for measurements). The
 depthwise kernel can also run the 1x1 conv before it, and Coordinate Attention's gate
-multiplies in place.
+multiplies in place. In training, a depthwise layer's kernel gradient (and at stride 2 its input
+gradient) is one pass where XLA:CPU writes shifted or zero-interleaved copies first.
 The kernels are built once per machine with the system's C++ compiler into a cache folder
 (`CA_FLAX_KERNEL_CACHE`, else `$XDG_CACHE_HOME/ca_flax` or `~/.cache/ca_flax`), named by a
 hash of the sources, the compile command, jaxlib and the instruction set the compiler targets

@@ -248,8 +248,8 @@ class DepthwiseConv3x3(nn.Module):
         train: bool = False,
     ) -> Array | tuple[Array, Array, Array]:
         """The conv of `x`; `channels` (default: `x`'s) when `fused` expands `x` first; with the
-        row and column sums when `fused` asks for `sums`. In `train`ing on the CPU its kernel
-        gradient is one kernel pass (`depthwise_conv3x3_train`)."""
+        row and column sums when `fused` asks for `sums`. In `train`ing on the CPU its gradients
+        come from ca_flax's kernels (`depthwise_conv3x3_train`)."""
         kernel = self.param("kernel", conv_init, (3, 3, 1, channels or x.shape[-1]), jnp.float32)
         if fused is not None:
             return cpu_kernels.depthwise3x3_affine(x, kernel, stride=self.stride, **fused)

@@ -13,9 +13,10 @@
 // Input gradient at stride 2:
 //   dx[n, y, x, c] = sum over taps (i, j) with y + 1 - i and x + 1 - j even of
 //                    g[n, (y + 1 - i) / 2, (x + 1 - j) / 2, c] * k[i * 3 + j, c]
-// XLA:CPU transposes the strided windows into nine zero-interleaved pads summed element by
-// element (88 ms for MobileNeXt's 112x112x96 layer, batch 16); here each input pixel sums the
-// one, two or four taps that reach it.
+// Autodiff transposes the strided windows into nine zero-interleaved pads, which XLA:CPU fused
+// with the BatchNorm and ReLU6 gradients around them into one loop of 88 ms for MobileNeXt's
+// 112x112x96 layer at batch 16 (alone, the pads' sum is about as fast as this kernel); here each
+// input pixel sums the one, two or four taps that reach it. MobileNeXt's train step: -7%.
 #include <cstdint>
 #include <vector>
 

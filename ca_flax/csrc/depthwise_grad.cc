@@ -30,6 +30,18 @@ struct Shape {
   int64_t height, width, channels, out_height, out_width, stride;
 };
 
+// Calls body(V{}, c) for each group of channels [c, c + kLanes<V>): 16-lane vectors where the
+// target has AVX-512, then 8 lanes, then single floats for what is left.
+template <typename Body>
+inline void ForChannelGroups(int64_t channels, Body body) {
+  int64_t c = 0;
+  if constexpr (kWide) {
+    for (; c + 16 <= channels; c += 16) body(f32x16{}, c);
+  }
+  for (; c + 8 <= channels; c += 8) body(f32x8{}, c);
+  for (; c < channels; ++c) body(0.0f, c);
+}
+
 // Adds one output row's products for the channels [c, c + kLanes<V>) into `total` (9, C):
 // `rows` are the three input rows the windows cover (a zero row outside the image).
 template <typename V>
@@ -68,12 +80,9 @@ void KernelGrad(const Shape& s, int64_t batch, const float* x, const float* g, f
         rows[i] = yi >= 0 && yi < s.height ? x + (n * s.height + yi) * row : zeros.data();
       }
       const float* grow = g + (n * s.out_height + yo) * s.out_width * C;
-      int64_t c = 0;
-      if constexpr (kWide) {
-        for (; c + 16 <= C; c += 16) RowTaps<f32x16>(s, rows, grow, c, total.data());
-      }
-      for (; c + 8 <= C; c += 8) RowTaps<f32x8>(s, rows, grow, c, total.data());
-      for (; c < C; ++c) RowTaps<float>(s, rows, grow, c, total.data());
+      ForChannelGroups(C, [&](auto lanes, int64_t c) {
+        RowTaps<decltype(lanes)>(s, rows, grow, c, total.data());
+      });
     }
   }
   for (int64_t k = 0; k < 9 * C; ++k) dk[k] = static_cast<float>(total[k]);
@@ -130,12 +139,9 @@ void InputGradStride2(const Shape& s, int64_t batch, const float* g, const float
         rows[i] = reaches ? g + (n * s.out_height + t / 2) * s.out_width * C : nullptr;
       }
       float* out = dx + (n * s.height + y) * s.width * C;
-      int64_t c = 0;
-      if constexpr (kWide) {
-        for (; c + 16 <= C; c += 16) InputGradRow<f32x16>(s, rows, taps, c, out);
-      }
-      for (; c + 8 <= C; c += 8) InputGradRow<f32x8>(s, rows, taps, c, out);
-      for (; c < C; ++c) InputGradRow<float>(s, rows, taps, c, out);
+      ForChannelGroups(C, [&](auto lanes, int64_t c) {
+        InputGradRow<decltype(lanes)>(s, rows, taps, c, out);
+      });
     }
   }
 }

@@ -30,6 +30,14 @@ struct Shape {
   int64_t height, width, channels, out_height, out_width, stride;
 };
 
+// Whether `g` is the output gradient (N, H_out, W_out, C) of `batch` inputs of shape `s` and
+// `taps` a (9, C) matrix beside it: the two handlers' shared check of their operands.
+inline bool Fits(const Shape& s, int64_t batch, ffi::Span<const int64_t> g,
+                 ffi::Span<const int64_t> taps) {
+  return g[0] == batch && g[1] == s.out_height && g[2] == s.out_width && g[3] == s.channels &&
+         taps[0] == 9 && taps[1] == s.channels;
+}
+
 // Calls body(V{}, c) for each group of channels [c, c + kLanes<V>): 16-lane vectors where the
 // target has AVX-512, then 8 lanes, then single floats for what is left.
 template <typename Body>
@@ -89,11 +97,10 @@ void KernelGrad(const Shape& s, int64_t batch, const float* x, const float* g, f
 }
 
 ffi::Error DepthwiseKernelGrad(Tensor4 x, Tensor4 g, ffi::Result<Matrix> dk, int64_t stride) {
-  const auto d = x.dimensions(), gd = g.dimensions(), kd = dk->dimensions();
+  const auto d = x.dimensions();
   if (stride != 1 && stride != 2) return ffi::Error::InvalidArgument("stride must be 1 or 2");
   const Shape s{d[1], d[2], d[3], Strided(d[1], stride), Strided(d[2], stride), stride};
-  if (gd[0] != d[0] || gd[1] != s.out_height || gd[2] != s.out_width || gd[3] != s.channels ||
-      kd[0] != 9 || kd[1] != s.channels) {
+  if (!Fits(s, d[0], g.dimensions(), dk->dimensions())) {
     return ffi::Error::InvalidArgument(
         "g must be (N, H_out, W_out, C) for x at the stride, and the gradient (9, C)");
   }
@@ -147,10 +154,9 @@ void InputGradStride2(const Shape& s, int64_t batch, const float* g, const float
 }
 
 ffi::Error DepthwiseInputGrad(Tensor4 g, Matrix taps, ffi::Result<Tensor4> dx) {
-  const auto d = dx->dimensions(), gd = g.dimensions(), kd = taps.dimensions();
+  const auto d = dx->dimensions();
   const Shape s{d[1], d[2], d[3], Strided(d[1], 2), Strided(d[2], 2), 2};
-  if (gd[0] != d[0] || gd[1] != s.out_height || gd[2] != s.out_width || gd[3] != s.channels ||
-      kd[0] != 9 || kd[1] != s.channels) {
+  if (!Fits(s, d[0], g.dimensions(), taps.dimensions())) {
     return ffi::Error::InvalidArgument(
         "g must be (N, H_out, W_out, C) for the input gradient at stride 2, and the taps (9, C)");
   }

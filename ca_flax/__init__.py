@@ -1,8 +1,13 @@
 """ca-flax: Coordinate Attention, MobileNetV2 and MobileNeXt in Flax, exact to the released weights."""
 
-from ca_flax.attention import CBAM, CoordAttention, SqueezeExcite
-from ca_flax.initializers import init_variables
-from ca_flax.registry import create_model, list_models
+from ca_flax.models import (
+    CBAM,
+    CoordAttention,
+    SqueezeExcite,
+    create_model,
+    init_variables,
+    list_models,
+)
 
 __all__ = [
     "CBAM",

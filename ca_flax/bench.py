@@ -34,7 +34,7 @@ from ca_flax.blocking import block_budget_mb
 from ca_flax.inference import available_cores, use_cpu_cores
 from ca_flax.layers import CONV_FORMULATIONS
 from ca_flax.profiling import profile_cases
-from ca_flax.registry import list_models
+from ca_flax.models.registry import list_models
 from ca_flax.roofline import (
     SPEC_BANDWIDTH_GB_S,
     matmul_peak_gflop_s,

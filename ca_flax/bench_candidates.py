@@ -27,9 +27,9 @@ import optax
 from ca_flax import cpu_kernels
 from ca_flax.blocking import block_budget_mb
 from ca_flax.inference import make_inference_fn
-from ca_flax.initializers import init_variables
+from ca_flax.models.initializers import init_variables
 from ca_flax.layers import active_conv_formulation, conv_formulation
-from ca_flax.registry import create_model
+from ca_flax.models.registry import create_model
 from ca_flax.roofline import xla_cost, xla_memory_mb
 
 REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "torch_reference.py"

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from ca_flax.atomic import write_atomically
-from ca_flax.registry import create_model
+from ca_flax.models.registry import create_model
 
 METADATA_FILE = "ca_flax.json"
 VARIABLES_DIR = "variables"

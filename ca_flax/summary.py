@@ -14,8 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ca_flax.layers import Conv1x1, Conv3x3, DepthwiseConv3x3
-from ca_flax.registry import create_model, list_models
+from ca_flax.models.layers import Conv1x1, Conv3x3, DepthwiseConv3x3
+from ca_flax.models.registry import create_model, list_models
 
 # The seed README's ImageNet tables: (params, multiply-adds, top-1).
 SEED_TABLE = {

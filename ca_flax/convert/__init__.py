@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ca_flax.registry import create_model, list_models, model_family
+from ca_flax.models.registry import create_model, list_models, model_family
 
 WRAPPER_KEYS = ("state_dict", "model")
 EMA_KEY = "state_dict_ema"

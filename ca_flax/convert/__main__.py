@@ -7,7 +7,7 @@ import sys
 
 from ca_flax.convert import ConversionError, load_torch_checkpoint, sha256_of
 from ca_flax.pretrained import save_pretrained
-from ca_flax.registry import list_models
+from ca_flax.models.registry import list_models
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

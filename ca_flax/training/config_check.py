@@ -6,7 +6,7 @@ from typing import Any
 
 import jax
 
-from ca_flax.registry import list_models
+from ca_flax.models.registry import list_models
 
 DTYPES = ("float32", "bfloat16")
 

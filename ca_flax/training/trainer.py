@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from ca_flax.registry import create_model
+from ca_flax.models.registry import create_model
 from ca_flax.training import config_check, optim, steps
 from ca_flax.training.checkpoints import Checkpointer, PreemptionFlag
 from ca_flax.training.data import Dataset, Layout

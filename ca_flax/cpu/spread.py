@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,10 +90,3 @@ def spread_over_devices(
     )
     return SpreadFunction(jitted, jax.device_put(variables, replicated), split)
 
-
-def make_inference_fn(
-    model: nn.Module, variables: Any, devices: Sequence[Any] | None = None
-) -> SpreadFunction:
-    """`images -> logits` with inference-mode BatchNorm, the batch split over `devices`
-    (default: this process's devices); on CPU each device keeps its cache blocking."""
-    return spread_over_devices(lambda v, x: model.apply(v, x, train=False), variables, devices)

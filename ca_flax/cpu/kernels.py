@@ -11,8 +11,8 @@ The kernels are built once per machine with the system's C++ compiler into a cac
 (`CA_FLAX_KERNEL_CACHE`, else `$XDG_CACHE_HOME/ca_flax` or `~/.cache/ca_flax`), named by a
 hash of the sources, the compile command, jaxlib and the instruction set the compiler targets
 on this CPU, so a shared home folder never hands a binary to a CPU it was not built for.
-Without a compiler, or with `CA_FLAX_CPU_KERNELS=0`, models fall back to XLA's loops (same
-results to float rounding)."""
+Without a compiler, or with `CA_FLAX_CPU_KERNELS=0`, the CPU backend falls back to XLA's
+loops (same results to float rounding)."""
 
 from __future__ import annotations
 
@@ -36,6 +36,9 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 import numpy as np
+
+from ca_flax import ops
+from ca_flax.models import layers
 
 Array = jax.Array
 
@@ -303,22 +306,16 @@ def _gate_jvp(primals, tangents):  # noqa: ANN001, ANN202
     return jax.jvp(lambda x, a_h, a_w: x * a_h * a_w, primals, tangents)
 
 
-# The references and output shapes use `ca_flax.layers`' and `ca_flax.convolutions`' own
-# pieces; imported where used, since both import this module.
-
-
 def reference_depthwise3x3_affine(
     stride: int, relu6: bool, x: Array, kernel: Array, mul: Array, add: Array,
     input_affine: tuple[Array, Array] | None, residual: Array | None, expand: Array | None = None,
 ) -> Array:  # fmt: skip
     """`depthwise3x3_affine` as XLA ops: the function its derivatives are taken from."""
-    from ca_flax import convolutions, layers
-
     if expand is not None:
         x = jnp.dot(x, expand)
     if input_affine is not None:
         x = layers.relu6(x * input_affine[0] + input_affine[1])
-    y = convolutions.xla_conv(x, kernel, stride, depthwise=True) * mul + add
+    y = ops.lax_conv(x, kernel, stride, depthwise=True) * mul + add
     y = layers.relu6(y) if relu6 else y
     return y if residual is None else y + residual
 
@@ -327,17 +324,13 @@ def reference_conv3x3_affine(
     stride: int, relu6: bool, x: Array, kernel: Array, mul: Array, add: Array
 ) -> Array:
     """`conv3x3_affine` as XLA ops: the function its derivatives are taken from."""
-    from ca_flax import convolutions, layers
-
-    y = convolutions.xla_conv(x, kernel, stride) * mul + add
+    y = ops.lax_conv(x, kernel, stride) * mul + add
     return layers.relu6(y) if relu6 else y
 
 
 def _output(x: Array, stride: int, channels: int) -> jax.ShapeDtypeStruct:
-    from ca_flax.convolutions import strided
-
     n, h, w, _ = x.shape
-    return jax.ShapeDtypeStruct((n, strided(h, stride), strided(w, stride), channels), jnp.float32)
+    return jax.ShapeDtypeStruct((n, ops.strided(h, stride), ops.strided(w, stride), channels), jnp.float32)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))

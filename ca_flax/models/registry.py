@@ -7,8 +7,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ca_flax.mobilenetv2 import MobileNetV2
-from ca_flax.mobilenext import MobileNeXt
+from ca_flax.models.mobilenetv2 import MobileNetV2
+from ca_flax.models.mobilenext import MobileNeXt
 
 _MODELS: dict[str, tuple[type[nn.Module], str | None]] = {
     "mobilenetv2": (MobileNetV2, None),

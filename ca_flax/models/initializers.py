@@ -19,17 +19,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-Array = jax.Array
+
 Shape = Sequence[int]
 
 
 class _Draws:
     """Standard-normal values for one `init`: shapes recorded first, then handed out in order."""
 
-    def __init__(self, values: Array | None = None) -> None:
+    def __init__(self, values: jax.Array | None = None) -> None:
         self.values, self.offset, self.shapes = values, 0, []
 
-    def take(self, shape: Shape, dtype: Any) -> Array:
+    def take(self, shape: Shape, dtype: Any) -> jax.Array:
         if self.values is None:  # recording
             self.shapes.append(tuple(shape))
             return jnp.zeros(shape, dtype)
@@ -65,7 +65,7 @@ def _drawing_from(draws: _Draws) -> Iterator[_Draws]:
 def scaled_normal(std: Callable[[Shape], float]) -> nn.initializers.Initializer:
     """N(0, std(shape)^2): drawn with the parameter's own key, or from `init_variables`' draw."""
 
-    def init(key: Array, shape: Shape, dtype: Any = jnp.float32) -> Array:
+    def init(key: jax.Array, shape: Shape, dtype: Any = jnp.float32) -> jax.Array:
         draws = _DRAWS.get()
         unit = jax.random.normal(key, shape, dtype) if draws is None else draws.take(shape, dtype)
         return unit * jnp.asarray(std(shape), dtype)
@@ -83,7 +83,7 @@ conv_init = scaled_normal(_he_fan_out_std)
 dense_init = scaled_normal(lambda shape: 0.01)
 
 
-def init_variables(model: nn.Module, key: Array, *args: Any, **kwargs: Any) -> dict[str, Any]:
+def init_variables(model: nn.Module, key: jax.Array, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """`model.init(key, *args, **kwargs)`, jitted, with every `scaled_normal` parameter cut from
     one standard-normal draw: compiles in about a second where `jax.jit(model.init)` took ~9 s.
 
@@ -92,7 +92,7 @@ def init_variables(model: nn.Module, key: Array, *args: Any, **kwargs: Any) -> d
     return jax.jit(functools.partial(_init, model, **kwargs))(key, *args)
 
 
-def _init(model: nn.Module, key: Array, *args: Any, **kwargs: Any) -> dict[str, Any]:
+def _init(model: nn.Module, key: jax.Array, *args: Any, **kwargs: Any) -> dict[str, Any]:
     draw_key, init_key = jax.random.split(key)
     with _drawing_from(_Draws()) as recorded:
         jax.eval_shape(functools.partial(model.init, **kwargs), init_key, *args)

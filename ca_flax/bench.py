@@ -27,14 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ca_flax import cpu_kernels, hugepages
+from ca_flax import cpu
 from ca_flax.atomic import write_atomically
 from ca_flax.bench_candidates import Candidate, jax_candidate, load_torch_reference, torch_candidate
-from ca_flax.blocking import block_budget_mb
-from ca_flax.inference import available_cores, use_cpu_cores
-from ca_flax.layers import CONV_FORMULATIONS
-from ca_flax.profiling import profile_cases
+from ca_flax.cpu import hugepages
 from ca_flax.models.registry import list_models
+from ca_flax.ops import FORMULATIONS
+from ca_flax.profiling import profile_cases
 from ca_flax.roofline import (
     SPEC_BANDWIDTH_GB_S,
     matmul_peak_gflop_s,
@@ -168,7 +167,7 @@ def environment(dtype: Any) -> dict[str, Any]:
         "jax": jax.__version__,
         "torch": torch.__version__,
         "huge_pages": hugepages.enabled(),
-        "cpu_kernels": jax.default_backend() == "cpu" and cpu_kernels.available(),
+        "cpu_kernels": jax.default_backend() == "cpu" and cpu.kernels_available(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),  # they change XLA:CPU's kernels (README)
         "stream_bandwidth_gb_s": stream,
         "spec_bandwidth_gb_s": spec,
@@ -205,7 +204,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=["eager", "channels_last", "compile", "amp"],
     )  # fmt: skip
     p.add_argument(
-        "--formulations", nargs="+", choices=CONV_FORMULATIONS,
+        "--formulations", nargs="+", choices=FORMULATIONS,
         help="time ca_flax with each of these conv formulations (default: the backend's own)",
     )  # fmt: skip
     p.add_argument(
@@ -213,7 +212,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--iters", type=positive(int), default=3, help="steps per candidate per round")
     p.add_argument(
-        "--cpu-devices", type=positive(int), default=available_cores(),
+        "--cpu-devices", type=positive(int), default=cpu.available_cores(),
         help="on CPU, also time inference spread over this many CPU devices, one per core "
         "(default: the cores available; 1: off)",
     )  # fmt: skip
@@ -239,8 +238,10 @@ def jax_candidates(name: str, mode: str, batch: int, args: argparse.Namespace) -
         jax_candidate(*shape, formulation=formulation)
         for formulation in args.formulations or [None]
     ]
-    cpu_kernels_here = jax.default_backend() == "cpu" and cpu_kernels.available()
-    if mode == "infer" and block_budget_mb() > 0:  # XLA's own program: no blocking, no kernel
+    cpu_kernels_here = jax.default_backend() == "cpu" and cpu.kernels_available()
+    if (
+        mode == "infer" and jax.default_backend() == "cpu"
+    ):  # XLA's own program: no blocking, no kernel
         # (XLA's cost analysis, the FLOP count for every row, cannot see into a kernel call).
         candidates.append(jax_candidate(*shape, block_mb=0.0, kernels=False))
     if mode == "train" and cpu_kernels_here:  # what the kernel gradient gains; XLA's count
@@ -256,7 +257,7 @@ def jax_candidates(name: str, mode: str, batch: int, args: argparse.Namespace) -
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    use_cpu_cores(args.cpu_devices)  # before JAX starts: fixes the CPU device count
+    cpu.use_cpu_cores(args.cpu_devices)  # before JAX starts: fixes the CPU device count
     # One process holds both frameworks: leave PyTorch half of a GPU (JAX takes 75% by default).
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
     import torch

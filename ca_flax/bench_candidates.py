@@ -24,12 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ca_flax import cpu_kernels
-from ca_flax.blocking import block_budget_mb
-from ca_flax.inference import make_inference_fn
+from ca_flax import cpu
 from ca_flax.models.initializers import init_variables
-from ca_flax.layers import active_conv_formulation, conv_formulation
 from ca_flax.models.registry import create_model
+from ca_flax.ops import active_formulation, conv_formulation
 from ca_flax.roofline import xla_cost, xla_memory_mb
 
 REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "torch_reference.py"
@@ -61,16 +59,18 @@ def initial_variables(name: str, dtype: Any, width: float) -> dict[str, Any]:
 
 def make_train_step(model: Any) -> Callable[..., Any]:
     """The benchmark's train step: forward, cross-entropy backward, SGD with momentum, BatchNorm
-    update. Its state is (params, batch_stats, OPTIMIZER's state); dropout uses the step's key."""
+    update. Its state is (params, batch_stats, OPTIMIZER's state); dropout uses the step's key.
+    Traced with the CPU backend's training ops where they apply, as the trainer's."""
 
     def train_step(state, x, labels, key):
         params, stats, opt = state
 
         def loss_fn(p):
-            logits, new = model.apply(
-                {"params": p, "batch_stats": stats}, x, train=True,
-                mutable=["batch_stats"], rngs={"dropout": key},
-            )  # fmt: skip
+            with cpu.training_ops():
+                logits, new = model.apply(
+                    {"params": p, "batch_stats": stats}, x, train=True,
+                    mutable=["batch_stats"], rngs={"dropout": key},
+                )  # fmt: skip
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
             return loss, new["batch_stats"]
 
@@ -95,19 +95,24 @@ def jax_candidate(
 ) -> Candidate:
     """Jitted inference or train step; compile time and XLA's memory estimate measured.
 
-    `block_mb` is the model's `inference_block_mb` (None: the backend's default, 0: off);
-    `formulation` the convolutions' form (None: the backend's default); `devices` > 1 spreads
-    inference over that many local devices (`ca_flax.inference`); `kernels=False` keeps
-    XLA's loops where ca_flax's CPU kernels would run (`ca_flax.cpu_kernels`).
+    CPU inference runs through the CPU backend (`ca_flax.cpu.make_plan`) on `devices` local
+    devices, blocked in `block_mb` (None: the family's default), with its kernels unless
+    `kernels=False`; `block_mb=0` with `kernels=False` is XLA's own program, `jax.jit` of the
+    plain model, as inference everywhere else. `formulation` is the convolutions' form (None:
+    the backend's default); training takes the CPU backend's gradient kernels unless
+    `kernels=False`.
     """
     if devices > 1 and mode != "infer":
         raise ValueError(f"devices={devices}: only inference is spread over devices")
-    model = create_model(name, dtype=dtype, width_mult=width, inference_block_mb=block_mb)
+    model = create_model(name, dtype=dtype, width_mult=width)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, size, size, 3)), dtype)
     labels = jnp.zeros((batch,), jnp.int32)
     variables = initial_variables(name, jnp.dtype(dtype), width)
-    if mode == "infer" and devices > 1:
-        spread = make_inference_fn(model, variables, jax.local_devices()[:devices])
+    backend = mode == "infer" and cpu.why_not(model) is None and (kernels or block_mb != 0)
+    if backend:
+        with cpu.use_kernels(kernels):
+            plan = cpu.make_plan(model, variables, block_mb)
+        spread = cpu.spread_over_devices(plan, plan.variables, jax.local_devices()[:devices])
         fn, args = spread.jitted, (spread.variables, jax.device_put(x, spread.split))
     elif mode == "infer":
         fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
@@ -117,17 +122,13 @@ def jax_candidate(
         params, stats = jax.tree.map(jnp.copy, (variables["params"], variables["batch_stats"]))
         args = [(params, stats, OPTIMIZER.init(params)), x, labels, jax.random.key(1)]  # donated
     start = time.perf_counter()
-    with (
-        conv_formulation(formulation or active_conv_formulation()),
-        cpu_kernels.use_kernels(kernels),
-    ):
+    with conv_formulation(formulation or active_formulation()), cpu.use_kernels(kernels):
         compiled = fn.lower(*args).compile()
     compile_s = time.perf_counter() - start
     memory_mb = xla_memory_mb(compiled)
     # XLA's cost analysis counts one trip of a loop (a blocked program) and cannot see into a
     # kernel call: only programs with neither are counted.
-    blocked = mode == "infer" and block_budget_mb(block_mb) > 0
-    opaque = blocked or 'custom_call_target="ca_flax_' in compiled.as_text()
+    opaque = backend or 'custom_call_target="ca_flax_' in compiled.as_text()
     flops, bytes_accessed = (None, None) if opaque else xla_cost(compiled)
 
     outputs = []

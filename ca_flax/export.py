@@ -18,8 +18,7 @@ import flax.linen as nn
 import jax
 
 from ca_flax.atomic import write_atomically
-from ca_flax.layers import conv_formulation
-from ca_flax.network import ClassifierNet
+from ca_flax.ops import conv_formulation
 
 FORMATS = ("tflite", "saved_model")
 
@@ -27,13 +26,11 @@ FORMATS = ("tflite", "saved_model")
 def inference_fn(model: nn.Module, variables: dict[str, Any]) -> Callable[[jax.Array], jax.Array]:
     """images (N, H, W, 3) -> float32 logits, inference-mode BN, TFLite-native convs."""
     variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
-    if isinstance(model, ClassifierNet):  # TFLite schedules itself; no scan -> WHILE op
-        model = model.clone(inference_block_mb=0.0)
 
     def logits(images: jax.Array) -> jax.Array:
         # TFLite maps lax convolutions to DEPTHWISE_CONV_2D and CONV_2D; the CPU speed forms
         # would export as ~9 SLICE/MUL/ADD ops per layer and a BATCH_MATMUL TFLite rejects.
-        with conv_formulation("xla"):
+        with conv_formulation("lax_conv"):
             return model.apply(variables, images, train=False)
 
     return logits

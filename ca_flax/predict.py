@@ -8,28 +8,28 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
 
+from ca_flax import cpu
 from ca_flax.classes import class_names
-from ca_flax.inference import SpreadFunction, spread_over_devices, use_cpu_cores
 from ca_flax.preprocess import ImageError, preprocess_file
 
 BATCH = 16
 
 
-def make_classifier(model: nn.Module, variables: dict[str, Any]) -> SpreadFunction:
-    """NHWC batch -> softmax probabilities with inference-mode BatchNorm, jitted, the batch split
-    over this process's devices (on CPU the command line asks for one device per core)."""
-
-    def probs(variables: dict[str, Any], batch: jax.Array) -> jax.Array:
-        return jax.nn.softmax(model.apply(variables, batch, train=False), axis=-1)
-
-    return spread_over_devices(probs, variables)
+def make_classifier(
+    model: nn.Module, variables: dict[str, Any]
+) -> Callable[[jax.Array], jax.Array]:
+    """NHWC batch -> softmax probabilities with inference-mode BatchNorm, through the CPU
+    backend (`ca_flax.cpu.make_inference_fn`: the batch split over this process's devices; on
+    CPU the command line asks for one device per core)."""
+    logits = cpu.make_inference_fn(model, variables)
+    return lambda batch: jax.nn.softmax(logits(batch), axis=-1)
 
 
 def top_k(probs: np.ndarray, names: Sequence[str], k: int = 5) -> list[tuple[str, float]]:
@@ -98,5 +98,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    use_cpu_cores()  # before JAX starts: one CPU device per core, each classifying its images
+    cpu.use_cpu_cores()  # before JAX starts: one CPU device per core, each classifying its images
     sys.exit(main())

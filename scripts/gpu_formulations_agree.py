@@ -12,10 +12,10 @@ from collections.abc import Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-import ca_flax
 from ca_flax.convolutions import depthwise_conv3x3, xla_conv
 from ca_flax.layers import conv_formulation
+
+import ca_flax
 
 
 def rel(a: jax.Array, b: jax.Array) -> float:

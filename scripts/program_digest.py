@@ -3,7 +3,7 @@ GPU measurement altered what the GPU runs (same digest: the measured numbers sti
 
 Each digest is the SHA-256 of the StableHLO (without source locations) that `ca_flax.bench`
 jits on a GPU, batch 256, 224x224, bfloat16: the train step and inference, both in the GPU's
-default `xla` formulation, with no CPU kernels and no blocking. Traced abstractly: no arrays,
+default `lax_conv` formulation, with no CPU kernels and no blocking. Traced abstractly: no arrays,
 no compile. Digests depend on the jax version, so compare runs with the same jax.
 
     python scripts/program_digest.py [--models mobilenetv2_ca mobilenext] [--batch 256]
@@ -19,10 +19,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ca_flax import cpu_kernels
+from ca_flax import cpu
 from ca_flax.bench_candidates import OPTIMIZER, make_train_step
-from ca_flax.layers import conv_formulation
-from ca_flax.registry import create_model
+from ca_flax.models.registry import create_model
+from ca_flax.ops import conv_formulation
 
 DTYPE = jnp.bfloat16
 
@@ -36,10 +36,10 @@ def stablehlo_digest(fn: Callable[..., Any], *args: Any) -> str:
 
 def gpu_program_digests(name: str, batch: int, size: int) -> dict[str, str]:
     """{"train": ..., "infer": ...} for model `name`, traced as the GPU benchmark traces it."""
-    model = create_model(name, dtype=DTYPE, inference_block_mb=0.0)
+    model = create_model(name, dtype=DTYPE)
     image = jax.ShapeDtypeStruct((batch, size, size, 3), DTYPE)
     labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    with conv_formulation("xla"), cpu_kernels.use_kernels(False):
+    with conv_formulation("lax_conv"), cpu.use_kernels(False):
         variables = jax.eval_shape(
             lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3), DTYPE), train=False)
         )
@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--size", type=int, default=224)
     args = parser.parse_args()
-    print(f"jax {jax.__version__}, batch {args.batch}, {args.size}x{args.size}, bfloat16, xla")
+    print(f"jax {jax.__version__}, batch {args.batch}, {args.size}x{args.size}, bfloat16, lax_conv")
     for name in args.models:
         for mode, digest in gpu_program_digests(name, args.batch, args.size).items():
             print(f"{name:16s} {mode:6s} {digest}")

@@ -6,8 +6,8 @@ import argparse
 import sys
 
 from ca_flax.convert import ConversionError, load_torch_checkpoint, sha256_of
-from ca_flax.pretrained import save_pretrained
 from ca_flax.models.registry import list_models
+from ca_flax.pretrained import save_pretrained
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -173,7 +173,9 @@ class _Block:
 
     def _depthwise(self, i: int) -> int:
         end, act, residual, sums = self._depthwise_tail(i)
-        self.steps.append(self._kernel_call(self.layers[i], self.layers[i + 1], act, residual, sums))
+        self.steps.append(
+            self._kernel_call(self.layers[i], self.layers[i + 1], act, residual, sums)
+        )
         return end
 
     def _expand_depthwise(self, i: int, reduce_bn: BatchNorm | None = None) -> int:

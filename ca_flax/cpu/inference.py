@@ -68,9 +68,7 @@ def body_layers(bound: nn.Module) -> list[nn.Module]:
     return [*layers, bound.conv] if isinstance(bound, MobileNetV2) else layers
 
 
-def make_plan(
-    model: nn.Module, variables: dict[str, Any], block_mb: float | None = None
-) -> Plan:
+def make_plan(model: nn.Module, variables: dict[str, Any], block_mb: float | None = None) -> Plan:
     """`model`'s inference plan for `variables`: fused through the kernels where they are
     enabled (`kernels.enabled`), else the model's own layers; blocked in `block_mb` (None: the
     family's default, 0: off). Raises ValueError naming the reason where `why_not`."""

@@ -330,7 +330,9 @@ def reference_conv3x3_affine(
 
 def _output(x: Array, stride: int, channels: int) -> jax.ShapeDtypeStruct:
     n, h, w, _ = x.shape
-    return jax.ShapeDtypeStruct((n, ops.strided(h, stride), ops.strided(w, stride), channels), jnp.float32)
+    return jax.ShapeDtypeStruct(
+        (n, ops.strided(h, stride), ops.strided(w, stride), channels), jnp.float32
+    )
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))

@@ -89,4 +89,3 @@ def spread_over_devices(
         compiler_options=CPU_COMPILER_OPTIONS if on_cpu else None,
     )
     return SpreadFunction(jitted, jax.device_put(variables, replicated), split)
-

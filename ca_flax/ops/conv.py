@@ -44,7 +44,9 @@ def training_depthwise(fn: DepthwiseFn) -> Iterator[None]:
         _training_depthwise.reset(token)
 
 
-def lax_conv(x: jax.Array, kernel: jax.Array, stride: int = 1, depthwise: bool = False) -> jax.Array:
+def lax_conv(
+    x: jax.Array, kernel: jax.Array, stride: int = 1, depthwise: bool = False
+) -> jax.Array:
     """The lax convolution of a (k, k, in/groups, out) HWIO kernel, padding k // 2, NHWC."""
     pad = kernel.shape[0] // 2
     return jax.lax.conv_general_dilated(

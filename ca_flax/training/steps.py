@@ -20,8 +20,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ca_flax import cpu_kernels
-from ca_flax.initializers import init_variables
+from ca_flax.models.initializers import init_variables
 
 Metrics = dict[str, jax.Array]
 
@@ -106,17 +105,18 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy(logits, targets)
 
 
-def kernels_on_one_device() -> contextlib.AbstractContextManager[None]:
-    """ca_flax's CPU kernels (`ca_flax.cpu_kernels`) on one device only: on a multi-device mesh
-    the model keeps XLA's loops, since XLA's SPMD partitioner cannot split a kernel call over
-    the batch and would gather it on every device."""
-    return cpu_kernels.use_kernels(jax.device_count() == 1)
-
-
 def make_train_step(
-    model: nn.Module, tx: optax.GradientTransformation, config: Any, schedule: optax.Schedule
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    config: Any,
+    schedule: optax.Schedule,
+    backend_ops: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, Metrics]]:
-    """One SGD step on a global batch; a non-finite loss freezes the state at the last good one."""
+    """One SGD step on a global batch; a non-finite loss freezes the state at the last good one.
+
+    The model's forward and backward are traced inside `backend_ops()`: the backend's own
+    training ops, if it has any (`ca_flax.cpu.training_ops`; the trainer picks them).
+    """
     num_classes, smoothing = config.num_classes, config.label_smoothing
     mixup_alpha, ema_decay = config.mixup_alpha, config.ema_decay
     base_key = jax.random.key(config.seed)
@@ -133,7 +133,7 @@ def make_train_step(
 
         def loss_fn(params: Any) -> tuple[jax.Array, tuple[jax.Array, Any]]:
             variables = {"params": params, "batch_stats": state.batch_stats}
-            with kernels_on_one_device():
+            with backend_ops():
                 logits, updated = model.apply(
                     variables,
                     images,
@@ -168,8 +168,7 @@ def make_eval_step(model: nn.Module) -> Callable[[dict[str, Any], dict[str, jax.
     """Sums of loss, top-1 and top-5 hits and example count over the unmasked rows."""
 
     def eval_fn(variables: dict[str, Any], batch: dict[str, jax.Array]) -> Metrics:
-        with kernels_on_one_device():
-            logits = model.apply(variables, batch["image"], train=False)
+        logits = model.apply(variables, batch["image"], train=False)
         labels, mask = batch["label"], batch["mask"]
         onehot = jax.nn.one_hot(labels, logits.shape[-1])
         top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
+from ca_flax import cpu
 from ca_flax.models.registry import create_model
 from ca_flax.training import config_check, optim, steps
 from ca_flax.training.checkpoints import Checkpointer, PreemptionFlag
@@ -102,7 +103,9 @@ class Trainer:
         self.model = build_model(config)
         self.checkpointer = Checkpointer(self.workdir, config.keep_checkpoints)
         self.state = self._initial_state()
-        train_fn = steps.make_train_step(self.model, self.tx, config, self.schedule)
+        train_fn = steps.make_train_step(
+            self.model, self.tx, config, self.schedule, backend_ops=cpu.training_ops
+        )
         eval_fn = steps.make_eval_step(self.model)
         self.train_step, self.eval_step = steps.jit_steps(train_fn, eval_fn, self.mesh)
         self.writer = create_writer(self.workdir)

@@ -10,14 +10,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import pytest  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-REFERENCE = REPO.parent / "shared" / "reference"
+REFERENCE = Path(__file__).resolve().parent / "data" / "reference"  # see its README.md
 
 
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     if not REFERENCE.is_dir():
-        pytest.fail(f"reference facts not found at {REFERENCE} (shared/ must sit beside the repo)")
+        pytest.fail(f"reference facts not found at {REFERENCE}")
     return REFERENCE
 
 

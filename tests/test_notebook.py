@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+
+from tests.helpers import REPO
 
 nbclient = pytest.importorskip("nbclient", reason="needs nbclient, nbformat and ipykernel")
 nbformat = pytest.importorskip("nbformat")
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
+NOTEBOOK = REPO / "notebooks" / "quickstart.ipynb"
 
 
 def outputs_text(cell) -> str:

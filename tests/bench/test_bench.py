@@ -59,7 +59,7 @@ def test_bench_reports_flax_and_torch_for_each_mode(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "GFLOP/s" in printed and "mm peak" in printed and "float32 matmul" in printed
     # --profile: a trace per candidate (jax.profiler / torch.profiler), then its kernel summary
-    # (a CPU host records no device kernels; tests/test_profiling.py reads real GPU traces).
+    # (a CPU host records no device kernels; tests/tools/test_profiling.py reads real GPU traces).
     traces = {p.parent.relative_to(tmp_path / "profile").parts[:2] for p in
               (tmp_path / "profile").rglob("*.json*")}  # fmt: skip
     assert traces == {(f"mobilenetv2_ca_{r['mode']}_2", file_name(r["impl"])) for r in rows}

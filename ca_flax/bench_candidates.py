@@ -1,5 +1,5 @@
 """What `ca_flax.bench` times: ca_flax's jitted inference or train step, and the PyTorch
-reference of the same layout (tests/torch_reference.py) in each configuration (eager,
+reference of the same layout (ca_flax.convert.torch_reference) in each configuration (eager,
 channels_last, torch.compile, AMP on GPU), each wrapped as a `Candidate`.
 
 Compiled PyTorch inference runs with inductor freezing (weights and BatchNorm folded into
@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -30,7 +27,6 @@ from ca_flax.models.registry import create_model
 from ca_flax.ops import active_formulation, conv_formulation
 from ca_flax.roofline import xla_cost, xla_memory_mb
 
-REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "torch_reference.py"
 Step = Callable[[], None]
 OPTIMIZER = optax.sgd(0.01, momentum=0.9)  # the train step's, as in PyTorch's candidates
 
@@ -157,12 +153,10 @@ def jax_candidate(
 
 
 def load_torch_reference() -> Any:
-    if not REFERENCE.is_file():
-        sys.exit(f"error: {REFERENCE} not found: run the benchmark from a ca-flax checkout")
-    spec = importlib.util.spec_from_file_location("torch_reference", REFERENCE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The PyTorch reference models (imports torch: needs `pip install -e '.[convert]'`)."""
+    from ca_flax.convert import torch_reference
+
+    return torch_reference
 
 
 def torch_candidate(

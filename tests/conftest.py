@@ -1,4 +1,4 @@
-"""Shared fixtures: paths to the reference facts and converted PyTorch references."""
+"""Shared fixtures (helpers are in tests/helpers): CPU-only JAX, the reference facts' folder."""
 
 from __future__ import annotations
 
@@ -10,22 +10,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import pytest  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-REFERENCE = REPO.parent / "shared" / "reference"
+from tests.helpers.reference import REFERENCE  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     if not REFERENCE.is_dir():
-        pytest.fail(f"reference facts not found at {REFERENCE} (shared/ must sit beside the repo)")
+        pytest.fail(f"reference facts not found at {REFERENCE}")
     return REFERENCE
-
-
-def read_keys_tsv(path: Path) -> dict[str, tuple[int, ...]]:
-    """key -> shape from a released `*.keys.tsv`, without `num_batches_tracked`."""
-    out = {}
-    for line in path.read_text().splitlines()[1:]:
-        key, shape, _ = line.split("\t")
-        if not key.endswith("num_batches_tracked"):
-            out[key] = tuple(int(s) for s in shape.split(",")) if shape else ()
-    return out

@@ -9,12 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
-from tiny_models import random_variables
 
 from ca_flax import create_model
 from ca_flax.attention_maps import AttentionMapError, ca_maps, select_blocks
 from ca_flax.pretrained import save_pretrained
 from ca_flax.visualize import main
+from tests.helpers.tiny_models import random_variables
 
 KWARGS = {"width_mult": 0.35}
 SIZE = 64

@@ -11,6 +11,7 @@ import pytest
 
 from ca_flax import bench
 from ca_flax.profiling import file_name
+from tests.helpers import REPO
 
 
 def test_bench_reports_flax_and_torch_for_each_mode(tmp_path, capsys):
@@ -58,7 +59,7 @@ def test_bench_reports_flax_and_torch_for_each_mode(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "GFLOP/s" in printed and "mm peak" in printed and "float32 matmul" in printed
     # --profile: a trace per candidate (jax.profiler / torch.profiler), then its kernel summary
-    # (a CPU host records no device kernels; tests/test_profiling.py reads real GPU traces).
+    # (a CPU host records no device kernels; tests/tools/test_profiling.py reads real GPU traces).
     traces = {p.parent.relative_to(tmp_path / "profile").parts[:2] for p in
               (tmp_path / "profile").rglob("*.json*")}  # fmt: skip
     assert traces == {(f"mobilenetv2_ca_{r['mode']}_2", file_name(r["impl"])) for r in rows}
@@ -125,7 +126,7 @@ def test_compiled_torch_inference_is_frozen():
 
 def program_digests(batch: int) -> dict[str, str]:
     """scripts/program_digest.py's digests for mobilenext at 32x32, by "model mode"."""
-    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "program_digest.py")
+    script = REPO / "scripts" / "program_digest.py"
     result = subprocess.run(
         [sys.executable, script, "--models", "mobilenext", "--batch", str(batch), "--size", "32"],
         capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"},

@@ -18,10 +18,9 @@ import numpy as np
 import optax
 import pytest
 import torch
-import torch_reference
 
 import ca_flax
-from ca_flax.convert import convert_state_dict, expected_layout
+from ca_flax.convert import convert_state_dict, expected_layout, torch_reference
 from ca_flax.convolutions import accum_dtype
 from ca_flax.layers import CONV_FORMULATIONS, conv_formulation
 

@@ -10,13 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import train_helpers
 
 from ca_flax import create_model
 from ca_flax.pretrained import save_pretrained
 from ca_flax.training.config_check import ConfigError, check_config, check_dataset
 from ca_flax.training.finetune import load_init_variables
 from ca_flax.training.optim import weight_decay_mask
+from tests.helpers import training
 
 
 @pytest.mark.parametrize(
@@ -30,14 +30,14 @@ from ca_flax.training.optim import weight_decay_mask
     ],
 )
 def test_bad_field_is_named(field: str, value: object, message: str) -> None:
-    config = train_helpers.config()
+    config = training.config()
     config[field] = value
     with pytest.raises(ConfigError, match=rf"config\.{field}: .*{re.escape(message)}"):
         check_config(config)
 
 
 def test_missing_dataset_is_named(tmp_path: Path) -> None:
-    config = train_helpers.config()
+    config = training.config()
     config.dataset, config.data_dir = "imagenet2012", str(tmp_path)
     with pytest.raises(ConfigError, match=r"config\.dataset: 'imagenet2012' is not prepared"):
         check_dataset(config)
@@ -45,9 +45,9 @@ def test_missing_dataset_is_named(tmp_path: Path) -> None:
 
 def test_batch_not_divisible_by_devices_fails_at_start(tmp_path: Path) -> None:
     proc = subprocess.run(
-        train_helpers.train_cmd(tmp_path, "--config.batch_size=12"),
-        cwd=train_helpers.REPO,
-        env=train_helpers.env(devices=8),
+        training.train_cmd(tmp_path, "--config.batch_size=12"),
+        cwd=training.REPO,
+        env=training.env(devices=8),
         capture_output=True,
         text=True,
         timeout=300,

@@ -4,13 +4,12 @@ host events beside the kernels that must not be counted."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from ca_flax.profiling import device_kernels, kernel_group, kernel_summary
+from tests.helpers import DATA
 
-TRACES = Path(__file__).parent / "data" / "h200_traces"
+TRACES = DATA / "h200_traces"
 
 
 def test_jax_trace_counts_only_the_gpu_process():

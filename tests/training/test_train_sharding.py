@@ -13,9 +13,9 @@ import subprocess
 import sys
 
 import pytest
-import train_helpers
 
 from ca_flax.layers import CONV_FORMULATIONS
+from tests.helpers import training
 
 SCRIPT = r"""
 import sys
@@ -86,8 +86,8 @@ def test_sharded_step_equals_single_device_step(formulation: str) -> None:
     """In both formulations: GPUs and TPUs train under 'xla', with the fused BatchNorm gradient."""
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, formulation],
-        cwd=train_helpers.REPO,
-        env=train_helpers.env(devices=8),
+        cwd=training.REPO,
+        env=training.env(devices=8),
         capture_output=True,
         text=True,
         timeout=600,

@@ -7,11 +7,11 @@ import warnings
 import jax
 import numpy as np
 import pytest
-from tiny_models import random_variables
 
 from ca_flax import create_model
 from ca_flax.export import main
 from ca_flax.pretrained import save_pretrained
+from tests.helpers.tiny_models import random_variables
 
 SIZE = 64
 KWARGS = {"width_mult": 0.35}

@@ -1,7 +1,11 @@
-"""Independent PyTorch references of the released layouts, written from shared/reference facts.
+"""Independent PyTorch references of the released layouts (MobileNetV2 + CA, MobileNeXt).
 
-Module indices mirror the released `nn.Sequential`s, so `state_dict()` keys equal the
-released checkpoints' keys (checked against the .keys.tsv files in the tests).
+Written from facts about the released models (their papers and checkpoints' layouts), not from
+upstream code. Module indices mirror the released `nn.Sequential`s, so `state_dict()` keys equal
+the released checkpoints' keys (the tests check them against tests/data/reference/*.keys.tsv).
+`build` makes a model, `randomize` gives it random weights and calibrated BatchNorm statistics;
+the parity tests and `ca_flax.bench` use them. Needs PyTorch (`pip install -e '.[convert]'`);
+`ca_flax.convert` itself does not import this module, so it stays importable without torch.
 """
 
 from __future__ import annotations

@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch_reference
-from conftest import read_keys_tsv
 
 import ca_flax
-from ca_flax.convert import convert_state_dict, expected_layout, torch_shape
+from ca_flax.convert import convert_state_dict, expected_layout, torch_reference, torch_shape
+from tests.helpers.reference import read_keys_tsv
 
 RELEASED = {"mobilenetv2_ca": "mbv2_ca.keys.tsv", "mobilenext": "mobilenext.keys.tsv"}
 

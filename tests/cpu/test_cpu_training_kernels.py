@@ -10,11 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from tiny_models import random_variables
 
 import ca_flax
 from ca_flax import cpu_kernels
 from ca_flax.convolutions import depthwise_conv3x3, depthwise_conv3x3_train, strided
+from tests.helpers.tiny_models import random_variables
 
 TARGET, INPUT_TARGET = cpu_kernels.KERNEL_GRAD_TARGET, cpu_kernels.INPUT_GRAD_TARGET
 

@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny_models import random_variables
 
 import ca_flax
 from ca_flax import cpu_kernels
@@ -18,6 +17,7 @@ from ca_flax.blocking import chunk_size
 from ca_flax.convolutions import conv3x3_im2col, depthwise_conv3x3, xla_conv
 from ca_flax.layers import active_conv_formulation, conv_formulation, make_divisible
 from ca_flax.summary import count_params
+from tests.helpers.tiny_models import random_variables
 
 # Exact counts of the released layouts; SE/CBAM/MobileNeXt+CA as derived in summary.py.
 EXACT = {

@@ -13,12 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny_models import random_variables
 
 import ca_flax
 from ca_flax import cpu_kernels, sequential
 from ca_flax.convolutions import conv3x3_im2col, depthwise_conv3x3
 from ca_flax.layers import conv_formulation, relu6
+from tests.helpers.tiny_models import random_variables
 
 
 def test_kernels_build_and_register_here():

@@ -11,13 +11,10 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 import pytest
-import tiny_imagenet
-import train_helpers
 
 from ca_flax.training.data import MEAN_RGB, STD_RGB, Layout
 from ca_flax.training.imagenet import ImageNetDataset
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO, tiny_imagenet, training
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +25,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def small_config(data_dir: Path) -> ml_collections.ConfigDict:
-    c = train_helpers.config("imagenet_base")
+    c = training.config("imagenet_base")
     c.data_dir = str(data_dir)
     c.image_size, c.eval_resize, c.shuffle_buffer = 32, 36, 64
     c.batch_size, c.eval_batch_size = 8, 8

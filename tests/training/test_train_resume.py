@@ -10,11 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import train_helpers
+
+from tests.helpers import training
 
 # 3 epochs of 44 steps at batch 32 (1,437 training digits).
 RUN = [
-    *train_helpers.SMALL,
+    *training.SMALL,
     "--config.num_epochs=3",
     "--config.warmup_epochs=0.5",
     "--config.ema_decay=0.9",  # EMA weights are saved, restored and evaluated too
@@ -30,7 +31,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
     workdir = tmp_path_factory.mktemp("uninterrupted")
-    train_helpers.run_train(workdir, *RUN, cache_dir=cache_dir)
+    training.run_train(workdir, *RUN, cache_dir=cache_dir)
     return workdir
 
 
@@ -41,7 +42,7 @@ def test_quickstart_learns(uninterrupted: Path) -> None:
     assert summary["best"]["eval/top1"] >= 0.6, summary["best"]  # chance is 0.1
     assert summary["final"]["eval_ema/count"] == 360
     assert list((uninterrupted).glob("events.out.tfevents.*")), "no TensorBoard event file"
-    assert train_helpers.checkpoint_steps(uninterrupted)[-1] == TOTAL
+    assert training.checkpoint_steps(uninterrupted)[-1] == TOTAL
 
 
 def test_sigterm_then_resume_matches_uninterrupted(
@@ -49,9 +50,9 @@ def test_sigterm_then_resume_matches_uninterrupted(
 ) -> None:
     workdir = tmp_path / "run"
     proc = subprocess.Popen(
-        train_helpers.train_cmd(workdir, *RUN),
-        cwd=train_helpers.REPO,
-        env=train_helpers.env(1, cache_dir),
+        training.train_cmd(workdir, *RUN),
+        cwd=training.REPO,
+        env=training.env(1, cache_dir),
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,
@@ -63,15 +64,15 @@ def test_sigterm_then_resume_matches_uninterrupted(
             proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=300) == 0, "".join(log[-40:])
     assert any("SIGTERM: saving step" in line for line in log)
-    stopped = train_helpers.checkpoint_steps(workdir)[-1]
+    stopped = training.checkpoint_steps(workdir)[-1]
     assert 50 <= stopped < TOTAL
     assert not (workdir / "summary.json").exists()
 
-    resumed = train_helpers.run_train(workdir, *RUN, cache_dir=cache_dir)
+    resumed = training.run_train(workdir, *RUN, cache_dir=cache_dir)
     assert f"resuming from checkpoint step {stopped}" in resumed.stderr
-    final = train_helpers.load_checkpoint(workdir, TOTAL)
-    expected = train_helpers.load_checkpoint(uninterrupted, TOTAL)
-    train_helpers.assert_trees_close(final, expected)
+    final = training.load_checkpoint(workdir, TOTAL)
+    expected = training.load_checkpoint(uninterrupted, TOTAL)
+    training.assert_trees_close(final, expected)
     assert int(np.asarray(final["step"])) == TOTAL
 
 
@@ -81,9 +82,9 @@ def test_resume_with_another_model_config_is_one_line(
     workdir = tmp_path / "run"
     shutil.copytree(uninterrupted, workdir)
     proc = subprocess.run(
-        train_helpers.train_cmd(workdir, *RUN, "--config.width_mult=0.5"),
-        cwd=train_helpers.REPO,
-        env=train_helpers.env(1, cache_dir),
+        training.train_cmd(workdir, *RUN, "--config.width_mult=0.5"),
+        cwd=training.REPO,
+        env=training.env(1, cache_dir),
         capture_output=True,
         text=True,
         timeout=300,
@@ -103,7 +104,7 @@ def test_rerun_of_a_finished_run_keeps_its_summary(
     before = json.loads((workdir / "summary.json").read_text())
     # A resumed run restores its checkpoint without computing a fresh init or reading init_from.
     gone = f"--config.init_from={tmp_path / 'deleted_pretrained'}"
-    train_helpers.run_train(workdir, *RUN, gone, cache_dir=cache_dir)
+    training.run_train(workdir, *RUN, gone, cache_dir=cache_dir)
     after = json.loads((workdir / "summary.json").read_text())
     assert after["images_per_second"] == before["images_per_second"] > 0
     assert after["best_checkpoint_step"] == before["best"]["step"]

@@ -12,13 +12,13 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
-from tiny_models import random_variables
 
 from ca_flax import create_model
 from ca_flax.classes import imagenet_classes
 from ca_flax.predict import main
 from ca_flax.preprocess import ImageError, load_image, preprocess, preprocess_file
 from ca_flax.pretrained import save_pretrained
+from tests.helpers.tiny_models import random_variables
 
 KWARGS = {"width_mult": 0.35}
 

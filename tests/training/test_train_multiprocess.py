@@ -10,7 +10,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import train_helpers
 
 import ca_flax
 from ca_flax.initializers import init_variables
@@ -19,8 +18,9 @@ from ca_flax.training import optim, steps, trainer
 from ca_flax.training.checkpoints import Checkpointer
 from ca_flax.training.data import Layout
 from ca_flax.training.digits import DigitsDataset
+from tests.helpers import training
 
-RUN = [*train_helpers.SMALL, "--config.num_train_steps=2", "--config.log_every_steps=1"]
+RUN = [*training.SMALL, "--config.num_train_steps=2", "--config.log_every_steps=1"]
 
 
 def _free_port() -> int:
@@ -54,15 +54,15 @@ def test_two_processes_match_one_process(tmp_path: Path) -> None:
     run = [*RUN, f"--config.init_from={_imagenet_pretrained(tmp_path / 'pretrained')}"]
     procs = [
         subprocess.Popen(
-            train_helpers.train_cmd(multi, *run)
+            training.train_cmd(multi, *run)
             + [
                 f"--coordinator_address=127.0.0.1:{port}",
                 "--num_processes=2",
                 f"--process_id={i}",
                 "--cpu_collectives=gloo",
             ],
-            cwd=train_helpers.REPO,
-            env=train_helpers.env(devices=1),
+            cwd=training.REPO,
+            env=training.env(devices=1),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -76,20 +76,20 @@ def test_two_processes_match_one_process(tmp_path: Path) -> None:
     assert all("init_from: re-initialised params/classifier_1" in log for log in logs)
 
     single = tmp_path / "one_process"
-    train_helpers.run_train(single, *run, devices=2)
+    training.run_train(single, *run, devices=2)
     summaries = [json.loads((d / "summary.json").read_text()) for d in (multi, single)]
     assert summaries[0]["processes"] == 2 and summaries[1]["processes"] == 1
     assert summaries[0]["final"]["eval/count"] == summaries[1]["final"]["eval/count"] == 360
-    train_helpers.assert_trees_close(
-        train_helpers.load_checkpoint(multi), train_helpers.load_checkpoint(single), 1e-4, 2e-6
+    training.assert_trees_close(
+        training.load_checkpoint(multi), training.load_checkpoint(single), 1e-4, 2e-6
     )
 
     # The checkpoint written over 2 processes restores onto this process's single device.
-    config = train_helpers.config()
+    config = training.config()
     model, mesh = trainer.build_model(config), steps.create_mesh(jax.devices()[:1])
     tx = optim.create_optimizer(config, optim.learning_rate_schedule(config, 44, 2))
     restored = Checkpointer(multi, keep=1).restore(steps.abstract_state(model, tx, 32, False, mesh))
     assert int(restored.step) == 2
-    saved = train_helpers.load_checkpoint(multi)
+    saved = training.load_checkpoint(multi)
     for name in ("params", "batch_stats"):
-        train_helpers.assert_trees_close(jax.device_get(getattr(restored, name)), saved[name])
+        training.assert_trees_close(jax.device_get(getattr(restored, name)), saved[name])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -10,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
+
 # A tiny, fast run of the quickstart: digits at 32x32, width 0.35, batch 32.
 SMALL = [
     "--config.batch_size=32",
@@ -21,11 +23,8 @@ SMALL = [
 
 
 def config(name: str = "quickstart") -> Any:
-    """`configs/<name>.py`'s config, importable however pytest was started."""
-    import importlib
-
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
+    """`configs/<name>.py`'s config (pytest puts the repo root, the `tests` package's parent,
+    on sys.path, so `configs` imports as train.py imports it)."""
     return importlib.import_module(f"configs.{name}").get_config()
 
 

@@ -6,9 +6,8 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
-TESTS = Path(__file__).resolve().parent
+from tests.helpers import REPO
 
 SPREAD_OVER_TWO_CPU_DEVICES = textwrap.dedent(
     """
@@ -18,7 +17,7 @@ SPREAD_OVER_TWO_CPU_DEVICES = textwrap.dedent(
     assert use_cpu_cores(2)
     import ca_flax
     from ca_flax import cpu_kernels
-    from tiny_models import random_variables
+    from tests.helpers.tiny_models import random_variables
     assert jax.device_count() == 2, jax.devices()
     assert not use_cpu_cores(3)  # JAX has started: its devices stay
     rng = np.random.default_rng(0)
@@ -49,9 +48,9 @@ SPREAD_OVER_TWO_CPU_DEVICES = textwrap.dedent(
 
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
-    environ.update(env, JAX_PLATFORMS="cpu", PYTHONPATH=str(TESTS))
+    environ.update(env, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))  # for tests.helpers
     return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=environ, cwd=TESTS.parent
+        [sys.executable, "-c", code], capture_output=True, text=True, env=environ, cwd=REPO
     )
 
 

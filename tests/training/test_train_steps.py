@@ -5,10 +5,10 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import numpy as np
-import train_helpers
 
 from ca_flax.layers import BatchNorm
 from ca_flax.training import optim, steps
+from tests.helpers import training
 
 
 class Tiny(nn.Module):
@@ -24,7 +24,7 @@ class Tiny(nn.Module):
 
 
 def _setup():
-    config = train_helpers.config()
+    config = training.config()
     config.warmup_epochs, config.ema_decay = 0.0, 0.5
     schedule = optim.learning_rate_schedule(config, 10, 100)
     tx = optim.create_optimizer(config, schedule)

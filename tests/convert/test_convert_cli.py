@@ -11,10 +11,9 @@ import jax
 import numpy as np
 import pytest
 import torch
-import torch_reference
 
 import ca_flax
-from ca_flax.convert import ConversionError, load_torch_checkpoint, sha256_of
+from ca_flax.convert import ConversionError, load_torch_checkpoint, sha256_of, torch_reference
 
 NAME, WIDTH = "mobilenetv2_ca", 0.35
 SMALL = {"width_mult": WIDTH}

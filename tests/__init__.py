@@ -1,0 +1,1 @@
+"""ca-flax's tests, by area; shared helpers in `tests.helpers`. Run pytest from the repo root."""

@@ -1,0 +1,1 @@
+"""Tests of the benchmark (end to end; no timings asserted)."""

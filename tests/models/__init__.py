@@ -1,0 +1,1 @@
+"""Tests of the models: layouts, parameter counts, initializers, convolution formulations."""

@@ -1,0 +1,1 @@
+"""Tests of the tools: predict, visualize, export, profiling and the quickstart notebook."""

@@ -1,0 +1,1 @@
+"""Tests of training: configs, steps, sharding, processes, checkpoints, resume, ImageNet input."""

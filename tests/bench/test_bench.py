@@ -10,8 +10,7 @@ import sys
 import pytest
 
 from ca_flax import bench
-from ca_flax.profiling import file_name
-from tests.helpers import REPO
+from ca_flax.bench.profiling import file_name
 
 
 def test_bench_reports_flax_and_torch_for_each_mode(tmp_path, capsys):
@@ -114,7 +113,7 @@ def test_compiled_torch_inference_is_frozen():
     setting (BatchNorm folded into the convolutions as constants), so it is not undersold."""
     from torch._dynamo.utils import counters
 
-    from ca_flax.bench_candidates import load_torch_reference, torch_candidate
+    from ca_flax.bench.candidates import load_torch_reference, torch_candidate
 
     counters.clear()
     candidate = torch_candidate(
@@ -125,10 +124,9 @@ def test_compiled_torch_inference_is_frozen():
 
 
 def program_digests(batch: int) -> dict[str, str]:
-    """scripts/program_digest.py's digests for mobilenext at 32x32, by "model mode"."""
-    script = REPO / "scripts" / "program_digest.py"
+    """`python -m ca_flax.bench.digest`'s digests for mobilenext at 32x32, by "model mode"."""
     result = subprocess.run(
-        [sys.executable, script, "--models", "mobilenext", "--batch", str(batch), "--size", "32"],
+        [sys.executable, "-m", "ca_flax.bench.digest", "--models", "mobilenext", "--batch", str(batch), "--size", "32"],
         capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -137,7 +135,7 @@ def program_digests(batch: int) -> dict[str, str]:
 
 
 def test_program_digest_is_stable_across_processes_and_tells_programs_apart():
-    """The GPU programs' digests (scripts/program_digest.py) say whether a change altered what a
+    """The GPU programs' digests (`python -m ca_flax.bench.digest`) say whether a change altered what a
     GPU measurement ran: equal in another process (no source locations or ids in them),
     different for another program (batch, or train against inference)."""
     first, again, other = program_digests(2), program_digests(2), program_digests(4)

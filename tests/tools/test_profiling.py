@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from ca_flax.profiling import device_kernels, kernel_group, kernel_summary
+from ca_flax.bench.profiling import device_kernels, kernel_group, kernel_summary
 from tests.helpers import DATA
 
 TRACES = DATA / "h200_traces"

@@ -6,7 +6,7 @@ jits on a GPU, batch 256, 224x224, bfloat16: the train step and inference, both 
 default `lax_conv` formulation, with no CPU kernels and no blocking. Traced abstractly: no arrays,
 no compile. Digests depend on the jax version, so compare runs with the same jax.
 
-    python scripts/program_digest.py [--models mobilenetv2_ca mobilenext] [--batch 256]
+    python -m ca_flax.bench.digest [--models mobilenetv2_ca mobilenext] [--batch 256]
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from ca_flax import cpu
-from ca_flax.bench_candidates import OPTIMIZER, make_train_step
+from ca_flax.bench.candidates import OPTIMIZER, make_train_step
 from ca_flax.models.registry import create_model
 from ca_flax.ops import conv_formulation
 

@@ -29,16 +29,16 @@ import numpy as np
 
 from ca_flax import cpu
 from ca_flax.atomic import write_atomically
-from ca_flax.bench_candidates import Candidate, jax_candidate, load_torch_reference, torch_candidate
-from ca_flax.cpu import hugepages
-from ca_flax.models.registry import list_models
-from ca_flax.ops import FORMULATIONS
-from ca_flax.profiling import profile_cases
-from ca_flax.roofline import (
+from ca_flax.bench.candidates import Candidate, jax_candidate, load_torch_reference, torch_candidate
+from ca_flax.bench.profiling import profile_cases
+from ca_flax.bench.roofline import (
     SPEC_BANDWIDTH_GB_S,
     matmul_peak_gflop_s,
     stream_bandwidth_gb_s,
 )
+from ca_flax.cpu import hugepages
+from ca_flax.models.registry import list_models
+from ca_flax.ops import FORMULATIONS
 
 
 def time_interleaved(candidates: list[Candidate], repeats: int, iters: int) -> None:
@@ -303,8 +303,3 @@ def write_json(path: str, result: dict[str, Any]) -> None:
     """Write `result` to `path` through a temporary file, so a killed run leaves a whole file."""
     text = json.dumps(result, indent=2, default=str) + "\n"
     write_atomically(path, lambda tmp: tmp.write_text(text), overwrite=True)
-
-
-if __name__ == "__main__":
-    hugepages.reexec_with_huge_pages()  # for both sides alike: the host's allocator setting
-    main()

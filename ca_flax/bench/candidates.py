@@ -22,10 +22,10 @@ import numpy as np
 import optax
 
 from ca_flax import cpu
+from ca_flax.bench.roofline import xla_cost, xla_memory_mb
 from ca_flax.models.initializers import init_variables
 from ca_flax.models.registry import create_model
 from ca_flax.ops import active_formulation, conv_formulation
-from ca_flax.roofline import xla_cost, xla_memory_mb
 
 Step = Callable[[], None]
 OPTIMIZER = optax.sgd(0.01, momentum=0.9)  # the train step's, as in PyTorch's candidates

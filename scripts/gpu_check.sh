@@ -35,7 +35,7 @@ for stage in "${STAGES[@]}"; do
       2>&1 | tee "$OUT/bench_train.log"
     (cd /tmp && tar czf - --exclude="*.xplane.pb" ca_flax_profile) > "$OUT/profiles.tgz" ;;
   infer)
-    "${BENCH[@]}" --modes infer --formulations xla windows --json "$OUT/bench_infer.json" 2>&1 \
+    "${BENCH[@]}" --modes infer --formulations lax_conv shifted_windows --json "$OUT/bench_infer.json" 2>&1 \
       | tee "$OUT/bench_infer.log" ;;
   agree)
     $PY scripts/gpu_formulations_agree.py 2>&1 | tee "$OUT/agree.log" ;;

@@ -12,10 +12,10 @@ from collections.abc import Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
-from ca_flax.convolutions import depthwise_conv3x3, xla_conv
-from ca_flax.layers import conv_formulation
 
 import ca_flax
+from ca_flax.models.layers import BatchNorm
+from ca_flax.ops import conv_formulation, lax_conv, windows_depthwise3x3
 
 
 def rel(a: jax.Array, b: jax.Array) -> float:
@@ -29,11 +29,13 @@ def logits_error(name: str) -> tuple[float, float]:
     model = ca_flax.create_model(name, width_mult=0.35)
     variables = ca_flax.init_variables(model, jax.random.key(1), x)
     logits = {}
-    for formulation in ("windows", "xla"):
+    for formulation in ("shifted_windows", "lax_conv"):
         with conv_formulation(formulation):
             logits[formulation] = jax.jit(model.apply)(variables, x)
     bf16 = ca_flax.create_model(name, width_mult=0.35, dtype=jnp.bfloat16)
-    return rel(logits["windows"], logits["xla"]), rel(bf16.apply(variables, x), logits["xla"])
+    return rel(logits["shifted_windows"], logits["lax_conv"]), rel(
+        bf16.apply(variables, x), logits["lax_conv"]
+    )
 
 
 def depthwise_gradient_error(stride: int) -> float:
@@ -44,8 +46,8 @@ def depthwise_gradient_error(stride: int) -> float:
     def grads(conv):  # noqa: ANN001, ANN202
         return jax.jit(jax.grad(lambda x, k: jnp.sum(jnp.sin(conv(x, k))), (0, 1)))(x, kernel)
 
-    ours = grads(lambda x, k: depthwise_conv3x3(x, k, stride))
-    theirs = grads(lambda x, k: xla_conv(x, k, stride, depthwise=True))
+    ours = grads(lambda x, k: windows_depthwise3x3(x, k, stride))
+    theirs = grads(lambda x, k: lax_conv(x, k, stride, depthwise=True))
     return max(rel(a, b) for a, b in zip(ours, theirs, strict=True))
 
 
@@ -54,7 +56,7 @@ def batchnorm_gradient_error(dtype: jnp.dtype) -> float:
     autodiff ('windows'), train mode at MobileNetV2's (32, 56, 56, 144) layer."""
     x = (2.0 + jax.random.normal(jax.random.key(4), (32, 56, 56, 144))).astype(dtype)
     dy = jax.random.normal(jax.random.key(5), x.shape, dtype)
-    bn = ca_flax.layers.BatchNorm(dtype=dtype)
+    bn = BatchNorm(dtype=dtype)
     variables = bn.init(jax.random.key(6), x, True)
 
     def objective(params, x, dy):  # noqa: ANN001, ANN202
@@ -62,7 +64,7 @@ def batchnorm_gradient_error(dtype: jnp.dtype) -> float:
         return jnp.vdot(y.astype(jnp.float32), dy.astype(jnp.float32)), (y, new["batch_stats"])
 
     results = []
-    for formulation in ("xla", "windows"):
+    for formulation in ("lax_conv", "shifted_windows"):
         with conv_formulation(formulation):
             step = jax.jit(jax.grad(objective, argnums=(0, 1), has_aux=True))
             results.append(jax.tree.leaves(step(variables["params"], x, dy)))

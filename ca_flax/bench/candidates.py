@@ -93,8 +93,8 @@ def jax_candidate(
 
     CPU inference runs through the CPU backend (`ca_flax.cpu.make_plan`) on `devices` local
     devices, blocked in `block_mb` (None: the family's default), with its kernels unless
-    `kernels=False`; `block_mb=0` with `kernels=False` is XLA's own program, `jax.jit` of the
-    plain model, as inference everywhere else. `formulation` is the convolutions' form (None:
+    `kernels=False`; `block_mb=0` with `kernels=False`, or a `formulation` other than the
+    backend's, is XLA's own program, `jax.jit` of the plain model, as inference elsewhere. `formulation` is the convolutions' form (None:
     the backend's default); training takes the CPU backend's gradient kernels unless
     `kernels=False`.
     """
@@ -104,7 +104,9 @@ def jax_candidate(
     x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, size, size, 3)), dtype)
     labels = jnp.zeros((batch,), jnp.int32)
     variables = initial_variables(name, jnp.dtype(dtype), width)
-    backend = mode == "infer" and cpu.why_not(model) is None and (kernels or block_mb != 0)
+    own_form = formulation in (None, "shifted_windows")  # the CPU backend's convolutions
+    backend = mode == "infer" and cpu.why_not(model) is None and own_form
+    backend = backend and (kernels or block_mb != 0)
     if backend:
         with cpu.use_kernels(kernels):
             plan = cpu.make_plan(model, variables, block_mb)

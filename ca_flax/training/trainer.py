@@ -38,12 +38,8 @@ def create_dataset(config: Any, layout: Layout) -> Dataset:
 
 
 def build_model(config: Any) -> Any:
-    """`create_model` with the config's name, width, classes, dtype and dropout.
-
-    Cache-blocked inference (`ca_flax.blocking`) scans over the batch, which would serialise
-    a batch sharded over several devices, so evaluation on a multi-device mesh runs unblocked.
-    """
-    kwargs = {} if jax.device_count() == 1 else {"inference_block_mb": 0.0}
+    """`create_model` with the config's name, width, classes, dtype and dropout."""
+    kwargs = {}
     if config.dropout_rate >= 0:
         kwargs["dropout_rate"] = config.dropout_rate
     return create_model(

@@ -17,13 +17,13 @@ def test_bench_reports_flax_and_torch_for_each_mode(tmp_path, capsys):
     out = tmp_path / "bench.json"
     bench.main(
         ["--models", "mobilenetv2_ca", "--batch-sizes", "2", "--size", "32", "--width-mult",
-         "0.35", "--torch-configs", "eager", "channels_last", "--formulations", "windows", "xla",
+         "0.35", "--torch-configs", "eager", "channels_last", "--formulations", "shifted_windows", "lax_conv",
          "--repeats", "1", "--iters", "1", "--profile", str(tmp_path / "profile"),
          "--cpu-devices", "1", "--json", str(out)]
     )  # fmt: skip
     result = json.loads(out.read_text())
     rows = result["results"]
-    impls = ("ca_flax (float32) windows convs", "ca_flax (float32) xla convs", "torch eager",
+    impls = ("ca_flax (float32) shifted_windows convs", "ca_flax (float32) lax_conv convs", "torch eager",
              "torch channels_last")  # fmt: skip
     assert {(r["mode"], r["impl"]) for r in rows} == {
         (mode, impl) for mode in ("infer", "train") for impl in impls
@@ -49,10 +49,11 @@ def test_bench_reports_flax_and_torch_for_each_mode(tmp_path, capsys):
         r["flops_vs_peak"] == pytest.approx(r["gflops_per_s"] / env["matmul_peak_gflop_s"])
         for r in rows
     )
-    counted = {("train", "ca_flax (float32) xla convs"), ("train", "ca_flax (float32) XLA loops"),
-               ("infer", "ca_flax (float32) unblocked XLA loops")}  # fmt: skip
+    counted = {(mode, "ca_flax (float32) lax_conv convs") for mode in ("infer", "train")} | {
+        ("train", "ca_flax (float32) XLA loops"), ("infer", "ca_flax (float32) unblocked XLA loops")
+    }  # fmt: skip
     seen = [r for r in rows if (r["mode"], r["impl"]) in counted]
-    assert len(seen) == 3
+    assert len(seen) == 4
     assert all(r["bandwidth_gb_s"] > 0 and r["bandwidth_vs_peak"] > 0 for r in seen)
     assert all(r["bandwidth_gb_s"] is None for r in rows if r not in seen)
     printed = capsys.readouterr().out

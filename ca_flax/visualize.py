@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
@@ -24,6 +25,20 @@ COLUMNS = (
     ("width attention a_w", "width"),
     ("a_h x a_w", "product"),
 )
+# Colour bars span at least this much: a nearly constant gate (a 1x1 map, a saturated sigmoid)
+# would otherwise get ticks 1e-8 apart, printed as an offset such as `1e-8+4.98394e-1`.
+MIN_SPAN = 0.01
+
+
+def color_limits(heat: np.ndarray, min_span: float = MIN_SPAN) -> tuple[float, float]:
+    """(vmin, vmax) of a gate map: its range, widened about its middle to `min_span` and kept
+    inside [0, 1] (where sigmoid gates and their products live) when it is narrower."""
+    lo, hi = float(np.min(heat)), float(np.max(heat))
+    if hi - lo >= min_span:
+        return lo, hi
+    mid = (lo + hi) / 2
+    lo = min(max(mid - min_span / 2, 0.0), 1.0 - min_span)
+    return lo, lo + min_span
 
 
 def plot_maps(crop: Image.Image, maps: Sequence[BlockMaps], dpi: int = 100) -> Figure:
@@ -40,15 +55,20 @@ def plot_maps(crop: Image.Image, maps: Sequence[BlockMaps], dpi: int = 100) -> F
     for row, block in zip(axes, maps, strict=True):
         for ax, (title, method) in zip(row, COLUMNS, strict=True):
             heat = getattr(block, method)()
+            vmin, vmax = color_limits(heat)
             ax.imshow(crop)
             im = ax.imshow(
                 heat,
                 cmap="jet",
                 alpha=0.5,
+                vmin=vmin,
+                vmax=vmax,
                 extent=(0, size[0], size[1], 0),
                 interpolation="bilinear",
             )
-            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+            cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+            cbar.formatter.set_useOffset(False)  # plain decimals, never `offset + tick`
+            cbar.formatter.set_scientific(False)
             ax.set_title(title, fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])

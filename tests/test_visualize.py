@@ -12,9 +12,9 @@ from PIL import Image
 from tiny_models import random_variables
 
 from ca_flax import create_model
-from ca_flax.attention_maps import AttentionMapError, ca_maps, select_blocks
+from ca_flax.attention_maps import AttentionMapError, BlockMaps, ca_maps, select_blocks
 from ca_flax.pretrained import save_pretrained
-from ca_flax.visualize import main
+from ca_flax.visualize import MIN_SPAN, main, plot_maps
 
 KWARGS = {"width_mult": 0.35}
 SIZE = 64
@@ -115,3 +115,44 @@ def test_cli_writes_labelled_png(tmp_path, capsys):
     assert err == [err[0]] and err[0].startswith("error: no CA block 1;")
     assert main(["--checkpoint", str(ckpt), str(tmp_path / "nope.jpg"), "--out", str(out)]) == 1
     assert "nope.jpg: no such file" in capsys.readouterr().err
+
+
+def colour_bars(fig):
+    """The colour bars of a drawn figure, each with its map's data."""
+    fig.draw_without_rendering()
+    return [(im.colorbar, im.get_array()) for ax in fig.axes for im in ax.images[1:]]
+
+
+def test_nearly_constant_gates_get_plain_colour_bar_ticks():
+    rng = np.random.default_rng(0)
+    crop = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    flat = BlockMaps(  # a saturated block: its ticks were labelled `1e-9+4.98394e-1` and -5..5
+        "features_2/conv_6",
+        0.498394 + 1e-8 * rng.standard_normal((8, 16)),
+        0.4983941 + 1e-8 * rng.standard_normal((8, 16)),
+    )
+    single = BlockMaps("features_17/conv_6", np.full((1, 16), 0.5), np.full((1, 16), 0.5))
+    low = BlockMaps("features_9/conv_6", np.full((2, 16), 1e-7), np.full((2, 16), 1e-7))
+    spread = BlockMaps(
+        "features_3/conv_6", rng.uniform(0.2, 0.8, (8, 16)), rng.uniform(size=(8, 16))
+    )
+    bars = colour_bars(plot_maps(crop, [flat, single, low, spread], dpi=50))
+    assert len(bars) == 12
+    for cbar, data in bars:
+        assert cbar.ax.yaxis.get_offset_text().get_text() == ""
+        vmin, vmax = cbar.mappable.get_clim()
+        assert 0.0 <= vmin <= data.min() <= data.max() <= vmax <= 1.0
+        assert vmax - vmin >= MIN_SPAN * (1 - 1e-9)
+        labels = [t.get_text() for t in cbar.ax.yaxis.get_ticklabels()]
+        shown = [
+            label
+            for tick, label in zip(cbar.get_ticks(), labels, strict=True)
+            if vmin <= tick <= vmax
+        ]
+        assert len(set(shown)) == len(shown) >= 3, labels
+        for tick, label in zip(cbar.get_ticks(), labels, strict=True):
+            assert "e" not in label.lower() and len(label) <= 6, labels
+            assert abs(float(label.replace("\N{MINUS SIGN}", "-")) - tick) < 1e-3, labels
+    # A map that spans more than MIN_SPAN keeps its own range.
+    for cbar, data in bars[9:]:
+        np.testing.assert_allclose(cbar.mappable.get_clim(), (data.min(), data.max()))

@@ -12,7 +12,13 @@ from PIL import Image
 from tiny_models import random_variables
 
 from ca_flax import create_model
-from ca_flax.attention_maps import AttentionMapError, BlockMaps, ca_maps, select_blocks
+from ca_flax.attention_maps import (
+    AttentionMapError,
+    BlockMaps,
+    batch_ca_maps,
+    ca_maps,
+    select_blocks,
+)
 from ca_flax.pretrained import save_pretrained
 from ca_flax.visualize import MIN_SPAN, main, plot_maps
 
@@ -75,13 +81,31 @@ def test_maps_equal_hand_computed_gates(name, block, ca, before):
 
 def test_block_selection_and_errors():
     model = create_model("mobilenetv2_ca", **KWARGS)
-    maps = ca_maps(model, random_variables(model), jnp.zeros((1, 32, 32, 3)))
+    variables = random_variables(model)
+    maps = ca_maps(model, variables, jnp.zeros((1, 64, 64, 3)))
     assert [m.block for m in maps] == [f"features_{i}" for i in range(2, 18)]
     assert [m.block for m in select_blocks(maps, None)] == [
         "features_2",
         "features_7",
         "features_12",
         "features_17",
+    ]
+    # At 32x32 (the digits quickstart) features_14..17 are 1x1: the default skips them.
+    x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+    logits, per_image = batch_ca_maps(model, variables, x)
+    expected = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+    np.testing.assert_allclose(logits, expected, atol=1e-5)
+    small = ca_maps(model, variables, x, index=1)
+    for one, batched in zip(small, per_image[1], strict=True):
+        np.testing.assert_array_equal(one.a_h, batched.a_h)
+        np.testing.assert_array_equal(one.a_w, batched.a_w)
+    assert not np.allclose(per_image[0][0].a_h, per_image[1][0].a_h)
+    assert [m.a_h.shape[0] for m in small[-4:]] == [1, 1, 1, 1]
+    assert [m.block for m in select_blocks(small, None)] == [
+        "features_2",
+        "features_6",
+        "features_9",
+        "features_13",
     ]
     assert [m.block for m in select_blocks(maps, ["3", "features_9"])] == [
         "features_3",

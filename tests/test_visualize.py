@@ -1,8 +1,11 @@
-"""Attention-map CLI: the sown gates equal a hand computation; the PNG is the right size."""
+"""Attention-map CLI: the sown gates equal a hand computation; the PNG is the right size; a
+training workdir and validation digits in, readable colour bars for nearly constant gates."""
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +23,13 @@ from ca_flax.attention_maps import (
     select_blocks,
 )
 from ca_flax.pretrained import save_pretrained
-from ca_flax.visualize import MIN_SPAN, main, plot_maps
+from ca_flax.visualize import (
+    MIN_SPAN,
+    load_workdir,
+    main,
+    plot_maps,
+    validation_digits,
+)
 
 KWARGS = {"width_mult": 0.35}
 SIZE = 64
@@ -180,3 +189,105 @@ def test_nearly_constant_gates_get_plain_colour_bar_ticks():
     # A map that spans more than MIN_SPAN keeps its own range.
     for cbar, data in bars[9:]:
         np.testing.assert_allclose(cbar.mappable.get_clim(), (data.min(), data.max()))
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory):
+    """A train.py workdir written by the trainer's own code (checkpoints, summary.json), with
+    two steps: step 1 the best by eval top-1, step 2 the latest, with other weights. Nothing is
+    trained, so no train step is compiled."""
+    from train_helpers import config
+
+    from ca_flax.training.progress import Progress
+    from ca_flax.training.trainer import Trainer
+
+    workdir = tmp_path_factory.mktemp("run") / "quickstart"
+    cfg = config("quickstart")
+    cfg.batch_size, cfg.num_train_steps, cfg.keep_checkpoints = 8, 2, 2
+    trainer = Trainer(cfg, workdir)
+    saved = {}
+    for step, top1 in ((1, 0.75), (2, 0.25)):
+        trainer.state = trainer.state.replace(
+            step=jnp.asarray(step, jnp.int32),
+            params=jax.tree.map(lambda x, s=step: x + 0.01 * s, trainer.state.params),
+        )
+        trainer._save({"top1": top1})
+        saved[step] = jax.device_get(trainer.state.variables())
+        with open(workdir / "eval_history.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "eval/top1": top1}) + "\n")
+    trainer.checkpointer.wait()
+    trainer._write_summary(Progress(2, trainer.steps_per_epoch, cfg.batch_size, 2))
+    eval_images = trainer.dataset.eval_images[:5]
+    trainer.checkpointer.close()
+    trainer.writer.close()
+    return workdir, saved, eval_images
+
+
+def test_workdir_loads_best_checkpoint_and_draws_digits(trained_workdir, tmp_path, capsys):
+    workdir, saved, eval_images = trained_workdir
+    assert json.loads((workdir / "summary.json").read_text())["best_checkpoint_step"] == 1
+    model, variables, run = load_workdir(workdir)
+    assert (run.step, run.top1, run.config["image_size"]) == (1, 0.75, 32)
+    assert model.width_mult == 0.35 and model.num_classes == 10
+    jax.tree.map(np.testing.assert_array_equal, variables, saved[1])
+    images, labels = validation_digits(3, 32)  # the trainer's own validation images
+    np.testing.assert_array_equal(images, eval_images[:3])
+    assert len(labels) == 3 and all(0 <= y < 10 for y in labels)
+
+    out = tmp_path / "maps.png"
+    assert main(["--workdir", str(workdir), "--digits", "2", "--out", str(out), "--dpi", "20"]) == 0
+    said = capsys.readouterr().out.strip()
+    assert said == f"wrote {out} (model: {workdir} step 1, eval top-1 0.7500)"
+    png = np.asarray(Image.open(out).convert("RGB"))
+    assert png.shape == (2 * 4 * 60, 3 * 60, 3)  # 2 digits x 4 blocks, 3 in panels at 20 dpi
+    assert png.std() > 20
+    # With the best checkpoint gone, the latest.
+    best = workdir / "checkpoints" / "1"
+    best.rename(workdir / "moved")
+    try:
+        assert load_workdir(workdir)[2].step == 2
+    finally:
+        (workdir / "moved").rename(best)
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_workdir_and_digits_errors(trained_workdir, tmp_path, capsys):
+    workdir, _, _ = trained_workdir
+    out = str(tmp_path / "maps.png")
+
+    def run(*argv: str) -> str:
+        assert main([*argv, "--out", out]) == 1
+        return one_line_error(capsys)
+
+    missing = tmp_path / "nope"
+    assert run("--workdir", str(missing), "--digits", "1") == (
+        f"error: {missing}: no such training workdir"
+    )
+    empty = tmp_path / "empty"
+    (empty / "checkpoints").mkdir(parents=True)
+    assert run("--workdir", str(empty), "--digits", "1").startswith(
+        f"error: {empty}: no checkpoint in checkpoints/"
+    )
+    unfinished = tmp_path / "unfinished"
+    (unfinished / "checkpoints").mkdir(parents=True)
+    (unfinished / "checkpoints" / "1").symlink_to(workdir / "checkpoints" / "1")
+    assert run("--workdir", str(unfinished), "--digits", "1").startswith(
+        f"error: {unfinished}: no summary.json with the run's config"
+    )
+    assert run("--workdir", str(workdir), "--digits", "361") == (
+        "error: --digits 361: choose 1 to 360 validation digits"
+    )
+    assert not Path(out).exists()
+    for argv in (
+        ["--workdir", str(workdir)],
+        ["--workdir", str(workdir), "x.png", "--digits", "2"],
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, "--out", out])
+        assert exit_info.value.code == 2
+        assert "give an image file or --digits N" in capsys.readouterr().err

@@ -43,7 +43,7 @@ COLUMNS = (
 )
 # Colour bars span at least this much: a nearly constant gate (a 1x1 map, a saturated sigmoid)
 # would otherwise get ticks 1e-8 apart, printed as an offset such as `1e-8+4.98394e-1`.
-MIN_SPAN = 0.01
+MIN_SPAN = 0.001
 # What train.py writes in its --workdir (ca_flax.training.trainer, .checkpoints); not imported
 # from there, since the trainer pulls in TensorFlow.
 SUMMARY_FILE = "summary.json"
@@ -65,18 +65,18 @@ def color_limits(heat: np.ndarray, min_span: float = MIN_SPAN) -> tuple[float, f
 def _draw_block_row(
     fig: FigureBase, row: Sequence[Axes], crop: Image.Image, block: BlockMaps
 ) -> None:
-    size = crop.size
+    extent = (0, crop.size[0], crop.size[1], 0)
     for ax, (title, method) in zip(row, COLUMNS, strict=True):
         heat = getattr(block, method)()
         vmin, vmax = color_limits(heat)
-        ax.imshow(crop)
+        ax.imshow(crop, extent=extent)  # pixel edges on the heat map's (default: centres)
         im = ax.imshow(
             heat,
             cmap="jet",
             alpha=0.5,
             vmin=vmin,
             vmax=vmax,
-            extent=(0, size[0], size[1], 0),
+            extent=extent,
             interpolation="bilinear",
         )
         cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)

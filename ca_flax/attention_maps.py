@@ -47,13 +47,20 @@ class BlockMaps:
         return np.einsum("hc,wc->hw", self.a_h, self.a_w) / self.a_h.shape[-1]
 
 
-def sown_gates(model: nn.Module, variables: dict[str, Any], images: jax.Array) -> dict[str, Any]:
-    """Run the model in inference mode and return its 'intermediates' collection."""
+def forward_with_gates(
+    model: nn.Module, variables: dict[str, Any], images: jax.Array
+) -> tuple[jax.Array, dict[str, Any]]:
+    """Run the model in inference mode: its logits and its 'intermediates' collection."""
     variables = {k: v for k, v in variables.items() if k != "intermediates"}
-    _, state = jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=["intermediates"]))(
+    logits, state = jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=["intermediates"]))(
         variables, images
     )
-    return state.get("intermediates", {})
+    return logits, state.get("intermediates", {})
+
+
+def sown_gates(model: nn.Module, variables: dict[str, Any], images: jax.Array) -> dict[str, Any]:
+    """Run the model in inference mode and return its 'intermediates' collection."""
+    return forward_with_gates(model, variables, images)[1]
 
 
 def _find_gates(tree: dict[str, Any], prefix: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
@@ -72,11 +79,8 @@ def _block_order(path: str) -> tuple[int, str]:
     return (int(index) if index.isdigit() else 1 << 30, path)
 
 
-def ca_maps(
-    model: nn.Module, variables: dict[str, Any], images: jax.Array, index: int = 0
-) -> list[BlockMaps]:
-    """Gates of every CA block for image `index` of an NHWC batch, in network order."""
-    gates = _find_gates(sown_gates(model, variables, images))
+def _maps_of(model: nn.Module, intermediates: dict[str, Any], index: int) -> list[BlockMaps]:
+    gates = _find_gates(intermediates)
     if not gates:
         raise AttentionMapError(
             f"model {type(model).__name__} (attention={getattr(model, 'attention', None)!r}) "
@@ -89,11 +93,30 @@ def ca_maps(
     return maps
 
 
+def ca_maps(
+    model: nn.Module, variables: dict[str, Any], images: jax.Array, index: int = 0
+) -> list[BlockMaps]:
+    """Gates of every CA block for image `index` of an NHWC batch, in network order."""
+    return _maps_of(model, sown_gates(model, variables, images), index)
+
+
+def batch_ca_maps(
+    model: nn.Module, variables: dict[str, Any], images: jax.Array
+) -> tuple[np.ndarray, list[list[BlockMaps]]]:
+    """One forward pass over an NHWC batch: the logits and, per image, `ca_maps`' list."""
+    logits, intermediates = forward_with_gates(model, variables, images)
+    maps = [_maps_of(model, intermediates, i) for i in range(len(images))]
+    return np.asarray(logits), maps
+
+
 def select_blocks(maps: Sequence[BlockMaps], blocks: Sequence[str] | None) -> list[BlockMaps]:
-    """Pick blocks by name (`features_9`), index (`9`) or path; default a few spread evenly."""
+    """Pick blocks by name (`features_9`), index (`9`) or path; by default a few spread evenly
+    over the blocks whose gates are larger than 1x1 (a 1x1 map is one number: small inputs,
+    such as 32x32 digits, shrink the last blocks to that)."""
     if not blocks:
-        picks = np.linspace(0, len(maps) - 1, min(DEFAULT_COUNT, len(maps))).round()
-        return [maps[int(i)] for i in dict.fromkeys(picks)]
+        shaped = [m for m in maps if m.a_h.shape[0] * m.a_w.shape[0] > 1] or list(maps)
+        picks = np.linspace(0, len(shaped) - 1, min(DEFAULT_COUNT, len(shaped))).round()
+        return [shaped[int(i)] for i in dict.fromkeys(picks)]
     by_name = {}
     for m in maps:
         by_name.update({m.path: m, m.block: m, m.block.rsplit("_", 1)[-1]: m})

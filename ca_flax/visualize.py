@@ -183,7 +183,7 @@ def load_workdir(workdir: str | Path) -> tuple[Any, dict[str, Any], Run]:
     import orbax.checkpoint as ocp
 
     from ca_flax.pretrained import check_stored_shapes
-    from ca_flax.registry import create_model
+    from ca_flax.models.registry import create_model
 
     workdir = Path(workdir).absolute()
     if not workdir.is_dir():

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-MEAN = np.array((0.485, 0.456, 0.406), np.float32)
-STD = np.array((0.229, 0.224, 0.225), np.float32)
+from ca_flax.models.inputs import normalize
+
 RESIZE = 256
 CROP = 224
 
@@ -59,15 +59,14 @@ def crop_image(img: Image.Image, resize: int = RESIZE, crop: int = CROP) -> Imag
     return img.crop(center_crop_box(*img.size, crop))
 
 
-def normalize(img: Image.Image) -> np.ndarray:
-    """uint8 RGB -> float32 (H, W, 3) scaled to [0, 1] and standardised with ImageNet stats."""
-    x = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
-    return (x - MEAN) / STD
+def image_to_input(img: Image.Image) -> np.ndarray:
+    """An 8-bit RGB image -> the models' float32 (H, W, 3) input (`models.inputs.normalize`)."""
+    return normalize(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0)
 
 
 def preprocess(img: Image.Image, resize: int = RESIZE, crop: int = CROP) -> np.ndarray:
     """The full eval transform of one image: (crop, crop, 3) float32, ready to stack into NHWC."""
-    return normalize(crop_image(img.convert("RGB"), resize, crop))
+    return image_to_input(crop_image(img.convert("RGB"), resize, crop))
 
 
 def preprocess_file(path: str | Path, resize: int = RESIZE, crop: int = CROP) -> np.ndarray:

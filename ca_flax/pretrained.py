@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from ca_flax.atomic import write_atomically
+from ca_flax.models.initializers import abstract_variables
 from ca_flax.models.registry import create_model
 
 METADATA_FILE = "ca_flax.json"
@@ -95,9 +96,7 @@ def load_pretrained(
     metadata = read_metadata(directory)
     kwargs = {**metadata["model_kwargs"], **model_overrides}
     model = create_model(metadata["model"], **kwargs)
-    target = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False)
-    )
+    target = abstract_variables(model)
     # Onto this process's first device, whichever device wrote it (a GPU host, cpu:1, another
     # process): without a sharding orbax looks for the writer's device and fails.
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

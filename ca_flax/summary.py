@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ca_flax.models.initializers import abstract_variables
 from ca_flax.models.layers import Conv1x1, Conv3x3, DepthwiseConv3x3
 from ca_flax.models.registry import create_model, list_models
 
@@ -33,7 +34,7 @@ _COUNTED = (nn.Conv, nn.Dense, Conv1x1, Conv3x3, DepthwiseConv3x3)
 def _shapes(name: str, size: int, **kwargs: Any) -> tuple[dict, dict]:
     model = create_model(name, **kwargs)
     x = jnp.zeros((1, size, size, 3))
-    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+    variables = abstract_variables(model, size)
     _, state = jax.eval_shape(
         lambda v: model.apply(
             v,

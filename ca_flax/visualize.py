@@ -33,7 +33,9 @@ from ca_flax.attention_maps import (
     ca_maps,
     select_blocks,
 )
-from ca_flax.preprocess import CROP, ImageError, crop_image, load_image, normalize
+from ca_flax.models.initializers import abstract_variables
+from ca_flax.models.inputs import MEAN_RGB, STD_RGB
+from ca_flax.preprocess import CROP, ImageError, crop_image, image_to_input, load_image
 
 PANEL_INCHES = 3.0
 COLUMNS = (
@@ -179,11 +181,10 @@ def load_workdir(workdir: str | Path) -> tuple[Any, dict[str, Any], Run]:
     (the latest when the best was not recorded or is gone), the model built from the config in
     its `summary.json`. Raw weights, also when the run kept an EMA."""
     import jax
-    import jax.numpy as jnp
     import orbax.checkpoint as ocp
 
-    from ca_flax.pretrained import check_stored_shapes
     from ca_flax.models.registry import create_model
+    from ca_flax.pretrained import check_stored_shapes
 
     workdir = Path(workdir).absolute()
     if not workdir.is_dir():
@@ -211,9 +212,7 @@ def load_workdir(workdir: str | Path) -> tuple[Any, dict[str, Any], Run]:
 
     model = create_model(model_name, num_classes=classes, width_mult=width)
     size = int(config.get("image_size", CROP))
-    shapes = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)
-    )
+    shapes = abstract_variables(model, size)
     target = {k: shapes[k] for k in ("params", "batch_stats")}
     path = workdir / CHECKPOINTS_DIR / str(step) / STATE_ITEM
     with _quiet_absl():  # orbax warns that the item has no metadata file of its own
@@ -245,8 +244,6 @@ def validation_digits(count: int, image_size: int) -> tuple[np.ndarray, list[int
 
 def _to_picture(image: np.ndarray) -> Image.Image:
     """A normalised (S, S, 3) image back to the RGB picture it was made from."""
-    from ca_flax.training.data import MEAN_RGB, STD_RGB
-
     rgb = np.clip(image * np.float32(STD_RGB) + np.float32(MEAN_RGB), 0.0, 1.0)
     return Image.fromarray(np.round(rgb * 255).astype(np.uint8))
 
@@ -271,7 +268,7 @@ def render(
     else:
         model, variables = load_pretrained(checkpoint)
     if crop is not None:
-        maps = select_blocks(ca_maps(model, variables, normalize(crop)[None]), blocks)
+        maps = select_blocks(ca_maps(model, variables, image_to_input(crop)[None]), blocks)
         return save_figure(plot_maps(crop, maps, dpi), out), run
 
     size = int(run.config.get("image_size", CROP)) if run else CROP

@@ -34,7 +34,7 @@ def test_a_model_importing_the_cpu_backend_breaks_the_rules(tmp_path):
     layers.write_text(layers.read_text() + "\nimport ca_flax.cpu.kernels  # noqa\n")
     done = lint_imports(tmp_path)
     assert done.returncode != 0
-    assert "Models know nothing of backends, training or tools BROKEN" in done.stdout
+    assert "Models know nothing of backends, sharding, training or tools BROKEN" in done.stdout
 
 
 def test_import_ca_flax_loads_no_backend():

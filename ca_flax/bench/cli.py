@@ -63,7 +63,7 @@ def input_pipeline_rate(num_images: int = 256, batch: int = 64, size: int = 224)
     import tensorflow as tf
     from PIL import Image
 
-    from ca_flax.training.imagenet import decode_and_random_crop, normalize
+    from ca_flax.training.imagenet import decode_and_random_crop, to_input
 
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -78,7 +78,7 @@ def input_pipeline_rate(num_images: int = 256, batch: int = 64, size: int = 224)
         def process(i: tf.Tensor) -> tf.Tensor:
             jpeg = tf.gather(tf.stack(jpegs), i % len(jpegs))
             image = decode_and_random_crop(jpeg, size, tf.stack([i, i]))
-            return normalize(tf.image.flip_left_right(image))
+            return to_input(tf.image.flip_left_right(image))
 
         ds = tf.data.Dataset.range(num_images).map(process, num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.batch(batch).prefetch(2)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from ca_flax import cpu
 from ca_flax.bench.candidates import OPTIMIZER, make_train_step
+from ca_flax.models.initializers import abstract_variables
 from ca_flax.models.registry import create_model
 from ca_flax.ops import conv_formulation
 
@@ -40,9 +41,7 @@ def gpu_program_digests(name: str, batch: int, size: int) -> dict[str, str]:
     image = jax.ShapeDtypeStruct((batch, size, size, 3), DTYPE)
     labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
     with conv_formulation("lax_conv"), cpu.use_kernels(False):
-        variables = jax.eval_shape(
-            lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3), DTYPE), train=False)
-        )
+        variables = abstract_variables(model, 32, DTYPE)
         params, stats = variables["params"], variables["batch_stats"]
         state = (params, stats, jax.eval_shape(OPTIMIZER.init, params))
         key = jax.eval_shape(lambda: jax.random.key(1))

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ca_flax.models.initializers import abstract_variables
 from ca_flax.models.registry import create_model, list_models, model_family
 
 WRAPPER_KEYS = ("state_dict", "model")
@@ -119,9 +120,7 @@ def torch_shape(flax_shape: tuple[int, ...]) -> tuple[int, ...]:
 def expected_layout(name: str, **model_kwargs: Any) -> dict[str, tuple[str, tuple, tuple]]:
     """torch key -> (collection, flax path, flax shape) for model `name`, without computing it."""
     model = create_model(name, **model_kwargs)
-    shapes = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False)
-    )
+    shapes = abstract_variables(model)
     layout = {}
     for collection in ("params", "batch_stats"):
         flat = jax.tree_util.tree_flatten_with_path(shapes[collection])[0]

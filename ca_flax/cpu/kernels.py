@@ -40,8 +40,6 @@ import numpy as np
 from ca_flax import ops
 from ca_flax.models import layers
 
-Array = jax.Array
-
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = tuple(
     CSRC / f
@@ -177,7 +175,7 @@ def require(target: str) -> None:
         raise RuntimeError(f"{target} is not available here: see the warning, or {OPT_OUT}")
 
 
-def uninitialized(shape: tuple[int, ...], dtype: Any, trip: Array) -> Array:
+def uninitialized(shape: tuple[int, ...], dtype: Any, trip: jax.Array) -> jax.Array:
     """An array of `shape` whose values are whatever its memory held: for a buffer written in
     full before it is read (`blocking.run_chunked`'s output), where zeros cost a pass. `trip`,
     any value of the loop trip the buffer belongs to, is read by nothing: it keeps XLA from
@@ -189,7 +187,7 @@ def uninitialized(shape: tuple[int, ...], dtype: Any, trip: Array) -> Array:
     return call(jax.lax.stop_gradient(trip))  # no derivative: nothing depends on `trip`
 
 
-def depthwise3x3_kernel_grad(x: Array, g: Array, stride: int) -> Array:
+def depthwise3x3_kernel_grad(x: jax.Array, g: jax.Array, stride: int) -> jax.Array:
     """The (3, 3, 1, C) gradient of a depthwise 3x3 convolution's kernel (padding 1, `stride`)
     from its float32 NHWC input `x` and output gradient `g`, in one pass over both: XLA:CPU's
     nine reductions over shifted copies of `x` took 16x the layer's forward time. Raises
@@ -203,7 +201,9 @@ def depthwise3x3_kernel_grad(x: Array, g: Array, stride: int) -> Array:
     return call(x, g, stride=np.int64(stride)).reshape(3, 3, 1, c)
 
 
-def depthwise3x3_input_grad_stride2(g: Array, kernel: Array, input_shape: tuple[int, ...]) -> Array:
+def depthwise3x3_input_grad_stride2(
+    g: jax.Array, kernel: jax.Array, input_shape: tuple[int, ...]
+) -> jax.Array:
     """The input gradient of a stride-2 depthwise 3x3 convolution (padding 1) of an
     `input_shape` float32 NHWC tensor, from its output gradient `g` and (3, 3, 1, C) `kernel`:
     each input pixel sums the taps that reach it, where XLA:CPU sums nine zero-interleaved pads
@@ -218,17 +218,17 @@ def depthwise3x3_input_grad_stride2(g: Array, kernel: Array, input_shape: tuple[
 
 
 def depthwise3x3_affine(
-    x: Array,
-    kernel: Array,
-    mul: Array,
-    add: Array,
+    x: jax.Array,
+    kernel: jax.Array,
+    mul: jax.Array,
+    add: jax.Array,
     stride: int,
     relu6: bool,
-    input_affine: tuple[Array, Array] | None = None,
-    residual: Array | None = None,
-    expand: Array | None = None,
+    input_affine: tuple[jax.Array, jax.Array] | None = None,
+    residual: jax.Array | None = None,
+    expand: jax.Array | None = None,
     sums: bool = False,
-) -> Array | tuple[Array, Array, Array]:
+) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
     """`act(depthwise3x3(pre(x), kernel, stride) * mul + add) + residual` in one pass.
 
     `pre(x)` is `relu6(x * in_mul + in_add)` for `input_affine = (in_mul, in_add)` (the
@@ -258,15 +258,15 @@ def depthwise3x3_affine(
 
 
 def conv3x3_affine(
-    x: Array,
-    kernel: Array,
-    mul: Array,
-    add: Array,
+    x: jax.Array,
+    kernel: jax.Array,
+    mul: jax.Array,
+    add: jax.Array,
     stride: int,
     relu6: bool,
-    first: Array | int = 0,
+    first: jax.Array | int = 0,
     count: int | None = None,
-) -> Array:
+) -> jax.Array:
     """`act(conv3x3(x, kernel, stride) * mul + add)` in one pass: a dense 3x3 convolution
     (padding 1, stride 1 or 2) with its BatchNorm folded in, `act` ReLU6 if `relu6`.
 
@@ -284,7 +284,7 @@ def conv3x3_affine(
     return _conv(stride, relu6, count, x, jnp.asarray(first, jnp.int32), kernel, mul, add)
 
 
-def coordinate_gate(x: Array, a_h: Array, a_w: Array) -> Array:
+def coordinate_gate(x: jax.Array, a_h: jax.Array, a_w: jax.Array) -> jax.Array:
     """`x * a_h * a_w` for float32 NHWC `x`, `a_h` (N, H, 1, C), `a_w` (N, 1, W, C): Coordinate
     Attention's gate, written over `x`'s buffer where `x` is not needed after it (XLA copies `x`
     first otherwise). Derivatives are the product's. Raises RuntimeError where the kernel is
@@ -307,9 +307,9 @@ def _gate_jvp(primals, tangents):  # noqa: ANN001, ANN202
 
 
 def reference_depthwise3x3_affine(
-    stride: int, relu6: bool, x: Array, kernel: Array, mul: Array, add: Array,
-    input_affine: tuple[Array, Array] | None, residual: Array | None, expand: Array | None = None,
-) -> Array:  # fmt: skip
+    stride: int, relu6: bool, x: jax.Array, kernel: jax.Array, mul: jax.Array, add: jax.Array,
+    input_affine: tuple[jax.Array, jax.Array] | None, residual: jax.Array | None, expand: jax.Array | None = None,
+) -> jax.Array:  # fmt: skip
     """`depthwise3x3_affine` as XLA ops: the function its derivatives are taken from."""
     if expand is not None:
         x = jnp.dot(x, expand)
@@ -321,14 +321,14 @@ def reference_depthwise3x3_affine(
 
 
 def reference_conv3x3_affine(
-    stride: int, relu6: bool, x: Array, kernel: Array, mul: Array, add: Array
-) -> Array:
+    stride: int, relu6: bool, x: jax.Array, kernel: jax.Array, mul: jax.Array, add: jax.Array
+) -> jax.Array:
     """`conv3x3_affine` as XLA ops: the function its derivatives are taken from."""
     y = ops.lax_conv(x, kernel, stride) * mul + add
     return layers.relu6(y) if relu6 else y
 
 
-def _output(x: Array, stride: int, channels: int) -> jax.ShapeDtypeStruct:
+def _output(x: jax.Array, stride: int, channels: int) -> jax.ShapeDtypeStruct:
     n, h, w, _ = x.shape
     return jax.ShapeDtypeStruct(
         (n, ops.strided(h, stride), ops.strided(w, stride), channels), jnp.float32

@@ -82,6 +82,15 @@ conv_init = scaled_normal(_he_fan_out_std)
 dense_init = scaled_normal(lambda shape: 0.01)
 
 
+def abstract_variables(
+    model: nn.Module, image_size: int = 64, dtype: Any = jnp.float32
+) -> dict[str, Any]:
+    """The shapes and dtypes of `model.init`'s variables (`jax.ShapeDtypeStruct`s), computing
+    nothing: what a checkpoint restore or a layout check needs."""
+    image = jnp.zeros((1, image_size, image_size, 3), dtype)
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), image, train=False))
+
+
 def init_variables(model: nn.Module, key: jax.Array, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """`model.init(key, *args, **kwargs)`, jitted, with every `scaled_normal` parameter cut from
     one standard-normal draw: compiles in about a second where `jax.jit(model.init)` took ~9 s.

@@ -14,9 +14,6 @@ from typing import Protocol
 import jax
 import numpy as np
 
-MEAN_RGB = (0.485, 0.456, 0.406)
-STD_RGB = (0.229, 0.224, 0.225)
-
 Batch = dict[str, np.ndarray]
 
 
@@ -90,8 +87,3 @@ def _pad_rows(x: np.ndarray, size: int) -> np.ndarray:
         return x
     pad = [(0, size - len(x))] + [(0, 0)] * (x.ndim - 1)
     return np.pad(x, pad)
-
-
-def normalize(images: np.ndarray) -> np.ndarray:
-    """RGB in [0, 1] -> ImageNet mean/std normalisation, as the released weights expect."""
-    return ((images - np.float32(MEAN_RGB)) / np.float32(STD_RGB)).astype(np.float32)

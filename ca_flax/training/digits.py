@@ -14,8 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 from sklearn.datasets import load_digits
 
+from ca_flax.models.inputs import normalize
 from ca_flax.training.config_check import ConfigError
-from ca_flax.training.data import Batch, Layout, normalize, num_eval_steps, pad_eval_batches
+from ca_flax.training.data import Batch, Layout, num_eval_steps, pad_eval_batches
 
 NUM_VALIDATION = 360
 MAX_SHIFT = 2
@@ -27,7 +28,7 @@ def _load(image_size: int) -> tuple[np.ndarray, np.ndarray]:
     images = digits.images.astype(np.float32) / 16.0
     big = jax.image.resize(jnp.asarray(images), (len(images), image_size, image_size), "bilinear")
     rgb = np.repeat(np.asarray(big)[..., None], 3, axis=-1)
-    return normalize(np.clip(rgb, 0.0, 1.0)), digits.target.astype(np.int32)
+    return normalize(np.clip(rgb, 0.0, 1.0).astype(np.float32)), digits.target.astype(np.int32)
 
 
 class DigitsDataset:

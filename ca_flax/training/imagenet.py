@@ -15,10 +15,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from ca_flax.models.inputs import normalize
 from ca_flax.training.config_check import ConfigError
 from ca_flax.training.data import (
-    MEAN_RGB,
-    STD_RGB,
     Batch,
     Layout,
     num_eval_steps,
@@ -59,10 +58,9 @@ def decode_and_center_crop(jpeg: tf.Tensor, size: int, resize: int) -> tf.Tensor
     return image[top : top + size, left : left + size]
 
 
-def normalize(image: tf.Tensor) -> tf.Tensor:
-    """RGB in [0, 255] -> (x / 255 - mean) / std, float32."""
-    image = tf.cast(image, tf.float32) / 255.0
-    return (image - tf.constant(MEAN_RGB)) / tf.constant(STD_RGB)
+def to_input(image: tf.Tensor) -> tf.Tensor:
+    """uint8 RGB -> the models' float32 input (`ca_flax.models.inputs.normalize`)."""
+    return normalize(tf.cast(image, tf.float32) / 255.0)
 
 
 class ImageNetDataset:
@@ -114,7 +112,7 @@ class ImageNetDataset:
             seed = tf.stack([tf.constant(epoch_seed, tf.int64), index])
             image = decode_and_random_crop(example["image"], cfg.image_size, seed)
             image = tf.image.stateless_random_flip_left_right(image, seed + 1)
-            return {"image": normalize(image), "label": example["label"]}
+            return {"image": to_input(image), "label": example["label"]}
 
         ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
         return ds.batch(local, drop_remainder=True).prefetch(2)
@@ -135,7 +133,7 @@ class ImageNetDataset:
 
         def preprocess(example: dict) -> dict:
             image = decode_and_center_crop(example["image"], cfg.image_size, cfg.eval_resize)
-            return {"image": normalize(image), "label": example["label"]}
+            return {"image": to_input(image), "label": example["label"]}
 
         ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.batch(self.layout.local_eval_batch).prefetch(2)

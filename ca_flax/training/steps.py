@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
 from ca_flax.models.initializers import init_variables
+from ca_flax.sharding import batch_split, data_mesh, replicated
 
 Metrics = dict[str, jax.Array]
 
@@ -44,16 +44,8 @@ class TrainState:
 
 
 def create_mesh(devices: list | None = None) -> Mesh:
-    """All devices of all processes on one 'data' axis."""
-    return Mesh(np.asarray(devices or jax.devices()), ("data",))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
-
-
-def data_sharded(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P("data"))
+    """`devices` (default: all devices of all processes) on one 'data' axis."""
+    return data_mesh(devices or jax.devices())
 
 
 def fresh_variables(model: nn.Module, image_size: int, seed: int) -> dict[str, Any]:
@@ -184,7 +176,7 @@ def make_eval_step(model: nn.Module) -> Callable[[dict[str, Any], dict[str, jax.
 
 def jit_steps(train_fn: Callable, eval_fn: Callable, mesh: Mesh) -> tuple[Callable, Callable]:
     """jit with explicit shardings: state replicated and donated, batches split over 'data'."""
-    rep, dat = replicated(mesh), data_sharded(mesh)
+    rep, dat = replicated(mesh), batch_split(mesh)
     train = jax.jit(train_fn, in_shardings=(rep, dat), out_shardings=(rep, rep), donate_argnums=0)
     evaluate = jax.jit(eval_fn, in_shardings=(rep, dat), out_shardings=rep)
     return train, evaluate
@@ -192,7 +184,7 @@ def jit_steps(train_fn: Callable, eval_fn: Callable, mesh: Mesh) -> tuple[Callab
 
 def global_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Assemble the global batch from each process's local rows."""
-    sharding = data_sharded(mesh)
+    sharding = batch_split(mesh)
     return {
         k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
     }

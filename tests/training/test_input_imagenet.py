@@ -12,7 +12,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ca_flax.training.data import MEAN_RGB, STD_RGB, Layout
+from ca_flax.models.inputs import MEAN_RGB, STD_RGB
+from ca_flax.training.data import Layout
 from ca_flax.training.imagenet import ImageNetDataset
 from tests.helpers import REPO, tiny_imagenet, training
 

@@ -54,19 +54,20 @@ def _train_depthwise(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     return ops.windows_depthwise3x3(x, kernel, stride)
 
 
-def kernels_apply_to_training() -> bool:
-    """Whether training traced now can use the gradient kernels: the CPU backend on one
-    device (XLA's SPMD partitioner cannot split a kernel call over a sharded batch: it would
-    gather the batch on every device), the kernels built and wanted (`kernels.enabled`)."""
-    one_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1
-    return one_cpu and kernels.enabled()
+def kernels_apply_to_training(devices: int = 1) -> bool:
+    """Whether a training step traced now, its batch split over `devices`, can use the gradient
+    kernels: on the CPU backend, one device (XLA's SPMD partitioner cannot split a kernel call
+    over a sharded batch: it would gather the batch on every device), the kernels built and
+    wanted (`kernels.enabled`)."""
+    return jax.default_backend() == "cpu" and devices == 1 and kernels.enabled()
 
 
 @contextlib.contextmanager
-def training_ops() -> Iterator[None]:
-    """Trace a training step inside this block to take the depthwise gradients from the CPU
-    kernels where they apply (`kernels_apply_to_training`); elsewhere it changes nothing."""
-    if not kernels_apply_to_training():
+def training_ops(devices: int = 1) -> Iterator[None]:
+    """Trace a training step (its batch split over `devices`) inside this block to take the
+    depthwise gradients from the CPU kernels where they apply (`kernels_apply_to_training`);
+    elsewhere it changes nothing."""
+    if not kernels_apply_to_training(devices):
         yield
         return
     with ops.training_depthwise(_train_depthwise):

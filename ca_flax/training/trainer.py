@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -100,7 +101,11 @@ class Trainer:
         self.checkpointer = Checkpointer(self.workdir, config.keep_checkpoints)
         self.state = self._initial_state()
         train_fn = steps.make_train_step(
-            self.model, self.tx, config, self.schedule, backend_ops=cpu.training_ops
+            self.model,
+            self.tx,
+            config,
+            self.schedule,
+            backend_ops=functools.partial(cpu.training_ops, self.mesh.size),
         )
         eval_fn = steps.make_eval_step(self.model)
         self.train_step, self.eval_step = steps.jit_steps(train_fn, eval_fn, self.mesh)

@@ -30,7 +30,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    # Imported here, not at the top: the trainer pulls in TensorFlow (~5 s), which the
+    # Imported here, not at the top: the trainer pulls in TensorFlow (slow to import), which the
     # huge-pages re-execution in __main__ would otherwise pay for twice.
     from ca_flax.pretrained import CheckpointMismatchError
     from ca_flax.training import train_and_evaluate
@@ -53,5 +53,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    hugepages.reexec_with_huge_pages()  # 1.5x on the CPU train step; see ca_flax/hugepages.py
+    hugepages.reexec_with_huge_pages()  # faster CPU train step; see ca_flax/cpu/hugepages.py
     app.run(main)

@@ -22,7 +22,8 @@ from ca_flax.cpu import kernels
 from ca_flax.cpu.fusion import Stage
 from ca_flax.cpu.image_slice import ImageSlice
 
-# Chunk working sets up to this size ran best on the 2-core CPU measured (2 MB L2 per core).
+# Chunk working sets up to this size: the budget that ran best in a sweep over budgets
+# (docs/cpu_backend.md, docs/performance.md).
 CPU_BLOCK_MB = 3.0
 
 

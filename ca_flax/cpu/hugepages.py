@@ -1,10 +1,11 @@
 """Transparent huge pages for a process's large allocations (Linux with glibc >= 2.35).
 
-XLA:CPU takes its temporaries from malloc: a CPU training step of these networks walks ~2 GB
-of them, which in 4 KiB pages misses the TLB all the time. With the glibc tunable
-`glibc.malloc.hugetlb=1`, malloc asks the kernel for 2 MiB pages (madvise) instead: the CPU
-train step measured 1.5x faster. glibc reads tunables only at start-up, so the command-line
-entry points re-execute themselves once with it set. `CA_FLAX_NO_HUGE_PAGES=1` opts out.
+XLA:CPU takes its temporaries from malloc: a CPU training step of these networks walks
+gigabytes of them, which in 4 KiB pages misses the TLB all the time. With the glibc tunable
+`glibc.malloc.hugetlb=1`, malloc asks the kernel for 2 MiB pages (madvise) instead, and far
+fewer pages cover the same memory (docs/cpu_backend.md#huge-pages). glibc reads tunables only
+at start-up, so the command-line entry points re-execute themselves once with it set.
+`CA_FLAX_NO_HUGE_PAGES=1` opts out.
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ import jax
 class ImageSlice:
     """Images `[first, first + count)` of `source`, not copied out: how the blocked loops hand
     the network's input to a first layer that reads it in place (`reads_image_slices`, the stem's
-    CPU kernel). XLA's copies of each loop level's chunk of 3-channel images took 1.4-1.7 ms a
-    device-step (batch 8, 224x224), ~6% of MobileNeXt's inference on the Xeon measured."""
+    CPU kernel), where XLA would copy each loop level's chunk of 3-channel images out of the
+    batch first (docs/cpu_backend.md)."""
 
     source: jax.Array
     first: jax.Array  # int32 scalar

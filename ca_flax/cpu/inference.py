@@ -25,7 +25,8 @@ from ca_flax.cpu.spread import SpreadFunction, spread_over_devices
 from ca_flax.models.mobilenetv2 import MobileNetV2
 from ca_flax.models.mobilenext import MobileNeXt
 
-# MobileNeXt holds two wide tensors per block: 2 MB chunks ran faster than 3 MB for it.
+# MobileNeXt holds two wide tensors per block, so its chunks get a smaller budget
+# (docs/cpu_backend.md).
 FAMILY_BLOCK_MB = {MobileNetV2: CPU_BLOCK_MB, MobileNeXt: 2.0}
 _said: set[str] = set()
 

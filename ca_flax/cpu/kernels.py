@@ -3,7 +3,7 @@ compiled on first use and called through XLA's FFI.
 
 XLA:CPU runs a depthwise 3x3 + BatchNorm + ReLU6 as an elementwise loop over a padded copy of
 its input, and the 3-channel stem as a concatenation of nine slices and a thin matmul; one pass
-each with the taps in registers (`csrc/`) is faster (see the sources for measurements). The
+each with the taps in registers (`csrc/`) is faster (measurements: docs/cpu_backend.md). The
 depthwise kernel can also run the 1x1 conv before it, and Coordinate Attention's gate
 multiplies in place. In training, a depthwise layer's kernel gradient (and at stride 2 its input
 gradient) is one pass where XLA:CPU writes shifted or zero-interleaved copies first.
@@ -189,8 +189,8 @@ def uninitialized(shape: tuple[int, ...], dtype: Any, trip: jax.Array) -> jax.Ar
 
 def depthwise3x3_kernel_grad(x: jax.Array, g: jax.Array, stride: int) -> jax.Array:
     """The (3, 3, 1, C) gradient of a depthwise 3x3 convolution's kernel (padding 1, `stride`)
-    from its float32 NHWC input `x` and output gradient `g`, in one pass over both: XLA:CPU's
-    nine reductions over shifted copies of `x` took 16x the layer's forward time. Raises
+    from its float32 NHWC input `x` and output gradient `g`, in one pass over both, where
+    XLA:CPU runs nine reductions, each over a shifted copy of `x` it writes first. Raises
     RuntimeError where the kernel is not `available()`, ValueError for a `g` of another shape."""
     require(KERNEL_GRAD_TARGET)
     c = x.shape[-1]
@@ -270,12 +270,12 @@ def conv3x3_affine(
     """`act(conv3x3(x, kernel, stride) * mul + add)` in one pass: a dense 3x3 convolution
     (padding 1, stride 1 or 2) with its BatchNorm folded in, `act` ReLU6 if `relu6`.
 
-    Made for the networks' stem (3 input channels): XLA's form, nine slices concatenated and a
-    thin matmul, took 2.3x as long on one core. float32 NHWC `x`, a (3, 3, C_in, C_out)
-    `kernel`, (C_out,) vectors. Given `count`, only images `x[first : first + count]` are
-    computed (`first` clamped as `lax.dynamic_slice` clamps), read where they lie: a chunk of
-    the batch without a copy. Derivatives come from XLA's form (`reference_conv3x3_affine`).
-    Raises RuntimeError where it is not `available()`.
+    Made for the networks' stem (3 input channels): XLA's form writes nine slices concatenated
+    into a 27-channel copy and reads it back in a thin matmul; this reads each input once.
+    float32 NHWC `x`, a (3, 3, C_in, C_out) `kernel`, (C_out,) vectors. Given `count`, only
+    images `x[first : first + count]` are computed (`first` clamped as `lax.dynamic_slice`
+    clamps), read where they lie: a chunk of the batch without a copy. Derivatives come from
+    XLA's form (`reference_conv3x3_affine`). Raises RuntimeError where it is not `available()`.
     """
     require(CONV_TARGET)
     count = x.shape[0] if count is None else count

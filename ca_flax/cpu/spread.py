@@ -1,10 +1,9 @@
 """Inference spread over devices: each device runs the model on its own share of the batch.
 
 XLA:CPU runs one device's program across cores poorly for these networks (many small
-fusions): cache-blocked mobilenetv2_ca at batch 16 took 80 ms on one core and 59 ms on two.
-With one CPU device per core (`use_cpu_cores`, before JAX's first computation) and the batch
-split over them, each core runs its own images through the same program (on CPU with 512-bit
-loops): 1.1-2.4x the one-device program on 2 cores, whose speed swings between runs. On
+fusions). With one CPU device per core (`use_cpu_cores`, before JAX's first computation) and
+the batch split over them, each core runs its own images through the same program (on CPU with
+512-bit loops), nearly as fast as one core alone (measurements: docs/cpu_backend.md). On
 accelerators it is plain data-parallel inference.
 """
 
@@ -22,8 +21,8 @@ from jax.sharding import PartitionSpec as P
 
 from ca_flax.sharding import batch_split, data_mesh, replicated
 
-# XLA:CPU vectorises loops 256 bits wide by default; on the AVX-512 cores measured (Zen 5)
-# 512-bit loops ran spread mobilenetv2_ca inference 7% faster, with the same logits.
+# XLA:CPU vectorises loops 256 bits wide by default; on AVX-512 cores 512-bit loops ran spread
+# inference faster, with the same logits (docs/cpu_backend.md).
 CPU_COMPILER_OPTIONS = {"xla_cpu_prefer_vector_width": 512}
 
 

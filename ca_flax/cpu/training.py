@@ -1,9 +1,9 @@
 """The CPU backend's training ops: depthwise gradients from ca_flax's kernels.
 
 XLA:CPU computes a depthwise 3x3's kernel gradient as nine reductions, each over a shifted copy
-of the input it writes first (16x the layer's forward time), and a stride-2 layer's input
-gradient from nine zero-interleaved pads; the kernels do each in one pass. The trainer plugs
-them in through `training_ops` (`ca_flax.ops.training_depthwise`); the forward is unchanged.
+of the input it writes first, and a stride-2 layer's input gradient from nine zero-interleaved
+pads; the kernels do each in one pass (docs/cpu_backend.md). The trainer plugs them in through
+`training_ops` (`ca_flax.ops.training_depthwise`); the forward is unchanged.
 """
 
 from __future__ import annotations

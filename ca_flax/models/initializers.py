@@ -1,8 +1,8 @@
 """Parameter initialisers, and `init_variables`: `model.init` with every draw made at once.
 
 Flax hands each parameter its own key, and XLA compiles each parameter's random draw as its
-own code: `jax.jit(model.init)` of these ~100-tensor networks took ~9 s to compile on a 2-core
-CPU, longer than the training step. `init_variables` records the draws, makes them as one
+own code: `jax.jit(model.init)` of these ~100-tensor networks compiles a random draw per tensor
+(compile times: docs/performance.md). `init_variables` records the draws, makes them as one
 standard-normal vector and gives each initialiser its slice: the same distributions, one draw.
 """
 
@@ -93,7 +93,7 @@ def abstract_variables(
 
 def init_variables(model: nn.Module, key: jax.Array, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """`model.init(key, *args, **kwargs)`, jitted, with every `scaled_normal` parameter cut from
-    one standard-normal draw: compiles in about a second where `jax.jit(model.init)` took ~9 s.
+    one standard-normal draw: one draw to compile where `jax.jit(model.init)` has one per tensor.
 
     Works eagerly or inside a jitted function (e.g. one that places the state on a mesh).
     """

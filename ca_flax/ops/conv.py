@@ -80,8 +80,9 @@ def shifted_windows(x: jax.Array, stride: int) -> list[jax.Array]:
 def windows_depthwise3x3(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     """Depthwise 3x3 convolution, padding 1, as a sum of nine shifted multiplies.
 
-    XLA's grouped convolution is 5-35x slower than this on CPU for these shapes; nine strided
-    slices of the padded input fuse into a single elementwise loop forward and backward.
+    XLA's grouped convolution is slower than this on CPU for these shapes (docs/cpu_backend.md);
+    nine strided slices of the padded input fuse into a single elementwise loop forward and
+    backward.
     `kernel` is (3, 3, 1, C).
     """
     acc = accum_dtype(x.dtype)
@@ -94,8 +95,9 @@ def windows_depthwise3x3(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Ar
 
 
 def im2col_conv3x3(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-    """Dense 3x3 convolution, padding 1, as one matmul over the nine windows' channels (1.8x
-    XLA's CPU convolution for the 3-channel stem); `kernel` is (3, 3, C_in, C_out) (HWIO)."""
+    """Dense 3x3 convolution, padding 1, as one matmul over the nine windows' channels (faster
+    than XLA's CPU convolution for the 3-channel stem: docs/cpu_backend.md); `kernel` is
+    (3, 3, C_in, C_out) (HWIO)."""
     patches = jnp.concatenate(shifted_windows(x, stride), axis=-1)
     return jnp.dot(patches, kernel.reshape(-1, kernel.shape[-1]))
 

@@ -5,9 +5,10 @@
 //
 // The networks' stem (3 input channels, 32 outputs) is the use: XLA:CPU builds it as nine
 // strided slices concatenated into a 27-channel copy of the output's size, one thin matmul, and
-// an elementwise pass for the BatchNorm and ReLU6: 341 us per 224x224 image on the Zen 5 core
-// measured, against 146 us for this pass. Each step computes 8 neighbouring output pixels for 32
-// (then 16, 8, single) output channels: every input value of their windows is broadcast against
+// an elementwise pass for the BatchNorm and ReLU6, each writing or reading a tensor of the
+// output's size; this pass reads the input once and writes the output once (measurements:
+// docs/cpu_backend.md). Each step computes 8 neighbouring output pixels for 32 (then 16, 8,
+// single) output channels: every input value of their windows is broadcast against
 // the tap's weight vectors, with the 8 x 2 accumulators in registers (4 x 2 without AVX-512).
 // Input rows go into a zero-bordered ring of three rows, so no padded copy is made and the loops
 // have no edge cases.

@@ -12,19 +12,18 @@
 // in the networks' first blocks, is then never written, each input row being expanded into the
 // ring as it is needed (8 pixels at a time, their inputs broadcast against a row of weights).
 // Given `row_sums` and `col_sums`, the output is also summed over each row and each column as it
-// is written: Coordinate Attention's pooling of it (XLA:CPU's two reductions took 4.5 ms of a
-// 25 ms device-step of mobilenetv2_ca's inference on the Xeon; spread inference +7.6%).
+// is written: Coordinate Attention's pooling of it, where XLA:CPU reads the whole output again
+// in two reductions.
 //
 // The work goes one group of 32 (then 16, 8, single; 8 first without AVX-512) channels at a
 // time through a whole image:
 // the group's input rows go once through `pre` into a zero-bordered ring of three rows that is
 // a few KB (it stays in L1 however many channels the layer has), and each step computes a few
 // neighbouring output pixels of one vector of channels whose windows share input columns, with
-// the nine tap vectors in registers. Measured on one Zen 5 core against a row-at-a-time order
-// over all channels, whose ring outgrew L1 on the wide layers: 0.81 against 1.24 ms over twelve
-// of the networks' layers (groups of 16 then). Groups of two vectors rather than one: the
-// `expand` step does 16 FMAs per 10 loads instead of 8 per 9, and on one core of the 2-core
-// Xeon measured the fused layers ran 10-25% faster, the plain ones 10-20%.
+// the nine tap vectors in registers. A row-at-a-time order over all channels instead would
+// need a ring that outgrows L1 on the wide layers. Groups of two vectors rather than one: the
+// `expand` step does 16 FMAs per 10 loads instead of 8 per 9 (measurements of both choices:
+// docs/cpu_backend.md).
 #include <algorithm>
 #include <cstdint>
 #include <vector>

@@ -4,19 +4,19 @@
 // Kernel gradient:
 //   dk[i * 3 + j, c] = sum over n, yo, xo of x[n, yo * s + i - 1, xo * s + j - 1, c] * g[n, yo, xo, c]
 // (zero outside the image). XLA:CPU runs these as nine reductions, each over a shifted copy of
-// the input that it writes first: 74 ms for a (16, 112, 112, 32) layer on one 2-core Xeon, where
-// the layer's forward pass took 4.5. Here each output row of `g` is read once and multiplied
-// into nine vector accumulators per group of channels, with its three input rows in cache.
+// the input that it writes first (docs/cpu_backend.md). Here each output row of `g` is read
+// once and multiplied into nine vector accumulators per group of channels, with its three input
+// rows in cache.
 // Each row's partial sums (at most W terms) are added into double totals, so the result does
 // not depend on how many rows there are.
 //
 // Input gradient at stride 2:
 //   dx[n, y, x, c] = sum over taps (i, j) with y + 1 - i and x + 1 - j even of
 //                    g[n, (y + 1 - i) / 2, (x + 1 - j) / 2, c] * k[i * 3 + j, c]
-// Autodiff transposes the strided windows into nine zero-interleaved pads, which XLA:CPU fused
-// with the BatchNorm and ReLU6 gradients around them into one loop of 88 ms for MobileNeXt's
-// 112x112x96 layer at batch 16 (alone, the pads' sum is about as fast as this kernel); here each
-// input pixel sums the one, two or four taps that reach it. MobileNeXt's train step: -7%.
+// Autodiff transposes the strided windows into nine zero-interleaved pads, which XLA:CPU fuses
+// with the BatchNorm and ReLU6 gradients around them into one loop, slower than the pads' sum
+// alone (docs/cpu_backend.md); here each input pixel sums the one, two or four taps that reach
+// it.
 #include <cstdint>
 #include <vector>
 

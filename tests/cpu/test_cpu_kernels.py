@@ -1,5 +1,5 @@
-"""ca_flax's own CPU kernels: built with the system compiler, registered with XLA, and the same
-numbers as XLA's loops, alone and inside whole models."""
+"""ca_flax's own CPU kernels (`ca_flax.cpu.kernels`): built with the system compiler, registered
+with XLA, and the same numbers as float64 sums; their use inside whole models is in test_fusion."""
 
 from __future__ import annotations
 
@@ -14,18 +14,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import ca_flax
-from ca_flax import cpu_kernels, sequential
-from ca_flax.convolutions import conv3x3_im2col, depthwise_conv3x3
-from ca_flax.layers import conv_formulation, relu6
-from tests.helpers.tiny_models import random_variables
+from ca_flax.cpu import kernels
+from ca_flax.models.layers import relu6
+from ca_flax.ops import im2col_conv3x3, windows_depthwise3x3
+from tests.helpers import REPO
 
 
 def test_kernels_build_and_register_here():
     """The machines this suite runs on have a C++ compiler: the kernels must build (a silent
     fallback to XLA's loops would leave CPU inference slower and the kernels untested)."""
     assert jax.default_backend() == "cpu"
-    assert cpu_kernels.available()
+    assert kernels.available()
 
 
 def reference(x, kernel, mul, add, stride, relu6_out, input_affine, residual):  # noqa: ANN001, ANN201
@@ -35,7 +34,7 @@ def reference(x, kernel, mul, add, stride, relu6_out, input_affine, residual):  
         x = f64(x)
         if input_affine is not None:
             x = relu6(x * f64(input_affine[0]) + f64(input_affine[1]))
-        y = depthwise_conv3x3(x, f64(kernel), stride) * f64(mul) + f64(add)
+        y = windows_depthwise3x3(x, f64(kernel), stride) * f64(mul) + f64(add)
         y = relu6(y) if relu6_out else y
         return np.asarray(y if residual is None else y + f64(residual))
 
@@ -71,7 +70,7 @@ def test_depthwise_kernel_matches_xla_loops(shape, stride):
             "input_affine": (in_mul, in_add) if pre else None,
             "residual": res if with_residual else None,
         }
-        run = partial(cpu_kernels.depthwise3x3_affine, stride=stride, relu6=relu6_out, **kwargs)
+        run = partial(kernels.depthwise3x3_affine, stride=stride, relu6=relu6_out, **kwargs)
         got = jax.jit(run)(x, kernel, mul, add)
         want = reference(x, kernel, mul, add, stride, relu6_out, **kwargs)
         assert got.shape == want.shape == out_shape and got.dtype == jnp.float32, variant
@@ -102,7 +101,7 @@ def test_depthwise_kernel_with_expand_matches_xla_loops(shape, channels, stride)
         wide = np.asarray(jnp.dot(jnp.asarray(x, jnp.float64), jnp.asarray(expand, jnp.float64)))
     for relu6_out, residual in ((True, None), (False, res)):
         run = partial(
-            cpu_kernels.depthwise3x3_affine, stride=stride, relu6=relu6_out,
+            kernels.depthwise3x3_affine, stride=stride, relu6=relu6_out,
             input_affine=(in_mul, in_add), residual=residual, expand=expand,
         )  # fmt: skip
         got = jax.jit(run)(x, kernel, mul, add)
@@ -130,18 +129,18 @@ def test_sums_need_relu6_and_no_residual():
     """Row and column sums are for Coordinate Attention's input only: refused otherwise."""
     x, kernel, vec = jnp.ones((1, 4, 4, 8)), jnp.ones((3, 3, 1, 8)), jnp.ones(8)
     with pytest.raises(ValueError, match="sums are for a layer with ReLU6 and no residual"):
-        cpu_kernels.depthwise3x3_affine(x, kernel, vec, vec, 1, False, sums=True)
+        kernels.depthwise3x3_affine(x, kernel, vec, vec, 1, False, sums=True)
     with pytest.raises(ValueError, match="sums are for a layer with ReLU6 and no residual"):
-        cpu_kernels.depthwise3x3_affine(x, kernel, vec, vec, 1, True, residual=x, sums=True)
+        kernels.depthwise3x3_affine(x, kernel, vec, vec, 1, True, residual=x, sums=True)
 
 
 def test_expand_needs_its_batchnorm_and_the_right_shape():
     """`expand` without the input BatchNorm + ReLU6, or of another shape, is refused by name."""
     x, kernel, vec = jnp.ones((1, 4, 4, 3)), jnp.ones((3, 3, 1, 8)), jnp.ones(8)
     with pytest.raises(ValueError, match="expand must be"):
-        cpu_kernels.depthwise3x3_affine(x, kernel, vec, vec, 1, True, expand=jnp.ones((3, 8)))
+        kernels.depthwise3x3_affine(x, kernel, vec, vec, 1, True, expand=jnp.ones((3, 8)))
     with pytest.raises(ValueError, match=r"\(3, 8\)"):
-        cpu_kernels.depthwise3x3_affine(
+        kernels.depthwise3x3_affine(
             x, kernel, vec, vec, 1, True, input_affine=(vec, vec), expand=jnp.ones((4, 8))
         )
 
@@ -161,9 +160,9 @@ def test_conv3x3_kernel_matches_xla(shape, out_channels, stride):
     mul, add = (rng.normal(0, 1, out_channels).astype(np.float32) for _ in range(2))
     with jax.enable_x64():
         f64 = partial(jnp.asarray, dtype=jnp.float64)
-        linear = np.asarray(conv3x3_im2col(f64(x), f64(kernel), stride) * f64(mul) + f64(add))
+        linear = np.asarray(im2col_conv3x3(f64(x), f64(kernel), stride) * f64(mul) + f64(add))
     for relu6_out in (True, False):
-        run = partial(cpu_kernels.conv3x3_affine, stride=stride, relu6=relu6_out)
+        run = partial(kernels.conv3x3_affine, stride=stride, relu6=relu6_out)
         got = jax.jit(run)(x, kernel, mul, add)
         want = np.clip(linear, 0, 6) if relu6_out else linear
         assert got.shape == want.shape and got.dtype == jnp.float32
@@ -179,7 +178,7 @@ def test_conv3x3_kernel_reads_a_chunk_of_the_batch_in_place():
     x = rng.normal(0, 2, (5, 9, 10, 3)).astype(np.float32)
     kernel = rng.normal(0, 1, (3, 3, 3, 16)).astype(np.float32)
     mul, add = (rng.normal(0, 1, 16).astype(np.float32) for _ in range(2))
-    run = partial(cpu_kernels.conv3x3_affine, stride=2, relu6=True)
+    run = partial(kernels.conv3x3_affine, stride=2, relu6=True)
     whole = jax.jit(run)(x, kernel, mul, add)
 
     @jax.jit
@@ -204,10 +203,10 @@ def test_coordinate_gate_kernel_is_the_product_and_leaves_a_live_input_alone(sha
     x = rng.normal(0, 1, shape).astype(np.float32)
     a_h = rng.uniform(0, 1, (n, h, 1, c)).astype(np.float32)
     a_w = rng.uniform(0, 1, (n, 1, w, c)).astype(np.float32)
-    gated, same = jax.jit(lambda *a: (cpu_kernels.coordinate_gate(*a), a[0] + 0))(x, a_h, a_w)
+    gated, same = jax.jit(lambda *a: (kernels.coordinate_gate(*a), a[0] + 0))(x, a_h, a_w)
     np.testing.assert_array_equal(gated, x * a_h * a_w)
     np.testing.assert_array_equal(same, x)
-    only = jax.jit(lambda x, a_h, a_w: cpu_kernels.coordinate_gate(x * 2, a_h, a_w))(x, a_h, a_w)
+    only = jax.jit(lambda x, a_h, a_w: kernels.coordinate_gate(x * 2, a_h, a_w))(x, a_h, a_w)
     np.testing.assert_array_equal(only, (x * 2) * a_h * a_w)
 
 
@@ -215,127 +214,7 @@ def test_coordinate_gate_kernel_refuses_gates_of_another_shape():
     """Gates that do not match the input are refused with the shapes it expects."""
     x = jnp.ones((1, 4, 5, 8))
     with pytest.raises(Exception, match=r"a_h must be \(N, H, 1, C\)"):
-        jax.jit(cpu_kernels.coordinate_gate)(x, jnp.ones((1, 5, 1, 8)), jnp.ones((1, 1, 5, 8)))
-
-
-def count_modules(params: dict, names: set[str]) -> int:
-    """Submodules in a parameter tree whose children are exactly `names`."""
-    if not isinstance(params, dict):
-        return 0
-    return (set(params) == names) + sum(count_modules(v, names) for v in params.values())
-
-
-def program_text(fn, *args) -> str:  # noqa: ANN001
-    """`fn`'s lowered program, traced afresh (jit caches traces per function)."""
-    return jax.jit(lambda *a: fn(*a)).lower(*args).as_text()
-
-
-def count_kernel_calls(fn, *args, target: str = cpu_kernels.DEPTHWISE_TARGET) -> int:  # noqa: ANN001
-    """Calls of kernel `target` in `fn`'s program."""
-    return program_text(fn, *args).count(target)
-
-
-# The empty placeholders of the depthwise kernel's optional `expand` operand and sum results.
-NO_EXPAND, NO_SUMS = "tensor<0x0xf32>", "tensor<0x0x0xf32>"
-
-
-def count_depthwise_calls_with(fn, *args, absent: str) -> int:  # noqa: ANN001
-    """Depthwise kernel calls in `fn`'s program that use an optional part: `absent`, its empty
-    placeholder, is not in the call (NO_EXPAND: the 1x1 conv runs inside; NO_SUMS: the output's
-    row and column sums come out)."""
-    text = program_text(fn, *args)
-    calls = [line for line in text.splitlines() if cpu_kernels.DEPTHWISE_TARGET in line]
-    return sum(absent not in line for line in calls)
-
-
-@pytest.mark.parametrize(
-    ("name", "expand_from"),
-    [("mobilenetv2_ca", 0), ("mobilenetv2_ca", None), ("mobilenext", 0), ("mobilenext", None),
-     ("mobilenext_ca", 0)],
-    ids=["mobilenetv2_ca-expand_everywhere", "mobilenetv2_ca-expand_default",
-         "mobilenext-expand_everywhere", "mobilenext-expand_default", "mobilenext_ca"],
-)  # fmt: skip
-def test_models_use_the_kernel_in_cpu_inference_with_the_same_logits(
-    name, expand_from, monkeypatch
-):
-    """Every depthwise + BatchNorm (+ ReLU6) of a float32 CPU inference is one kernel call, so is
-    the stem, and the logits equal XLA's loops'; with the 1x1 conv before it inside the kernel on
-    images of FUSED_EXPAND_MIN_PIXELS (here: all, or the default, which these small images are
-    under). Training, 'xla' convolutions and bf16 keep XLA's loops."""
-    if expand_from is not None:
-        monkeypatch.setattr(sequential, "FUSED_EXPAND_MIN_PIXELS", expand_from)
-    model = ca_flax.create_model(name, num_classes=7, width_mult=0.35)
-    x = jax.random.normal(jax.random.key(0), (4, 32, 40, 3))
-    variables = random_variables(model)
-    infer = partial(model.apply, train=False)
-    kernels = jax.tree_util.tree_leaves(variables["params"])
-    depthwise = sum(k.ndim == 4 and k.shape[:3] == (3, 3, 1) for k in kernels)
-    assert count_kernel_calls(infer, variables, x) == depthwise > 0
-    # A 1x1 conv goes in before a depthwise in every block but mobilenetv2's first (17 blocks)
-    # and the two of mobilenext's 20 that widen at stride 1 (no 3x3 after their 1x1 convs).
-    expanding = {"mobilenetv2_ca": 16}.get(name, 18) if expand_from == 0 else 0
-    assert count_depthwise_calls_with(infer, variables, x, absent=NO_EXPAND) == expanding
-    if expand_from is None:  # at 64x64 the stride-2 block at 32x32 (over 28x28) takes it in
-        big = jnp.zeros((1, 64, 64, 3))
-        assert count_depthwise_calls_with(infer, variables, big, absent=NO_EXPAND) == 1
-    assert count_kernel_calls(infer, variables, x, target=cpu_kernels.CONV_TARGET) == 1
-    # Cache-blocked, the stem reads its chunk of the batch where it lies: no copy of the input.
-    blocked = partial(model.clone(inference_block_mb=0.015).apply, train=False)
-    (stem,) = [line for line in program_text(blocked, variables, x).splitlines()
-               if cpu_kernels.CONV_TARGET in line]  # fmt: skip
-    assert "(tensor<4x32x40x3xf32>, tensor<i32>," in stem and "-> tensor<1x16x20x" in stem
-    # ... and each loop's output starts uninitialized, every value written before it is read.
-    target = cpu_kernels.UNINITIALIZED_TARGET
-    assert count_kernel_calls(blocked, variables, x, target=target) >= 2  # nested loops
-    gates = count_modules(variables["params"], {"conv1", "bn1", "conv2", "conv3"})  # CA blocks
-    assert gates == {"mobilenetv2_ca": 16, "mobilenext": 0, "mobilenext_ca": 15}[name]
-    assert count_kernel_calls(infer, variables, x, target=cpu_kernels.GATE_TARGET) == gates
-    # Each CA block's pooling comes from the depthwise kernel before it.
-    assert count_depthwise_calls_with(infer, variables, x, absent=NO_SUMS) == gates
-    with cpu_kernels.use_kernels(False):
-        for target in cpu_kernels.TARGETS:
-            assert count_kernel_calls(infer, variables, x, target=target) == 0
-        plain = jax.jit(lambda v, x: infer(v, x))(variables, x)
-    fused = jax.jit(infer)(variables, x)
-    np.testing.assert_allclose(fused, plain, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(jax.jit(blocked)(variables, x), fused, rtol=1e-5, atol=1e-5)
-    assert float(jnp.std(plain)) > 0.1  # O(1) logits: a wrong layer would show
-
-    train = partial(
-        model.apply, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(1)}
-    )
-    bf16 = ca_flax.create_model(name, num_classes=7, width_mult=0.35, dtype=jnp.bfloat16)
-    for target in cpu_kernels.TARGETS:
-        assert count_kernel_calls(train, variables, x, target=target) == 0
-        with conv_formulation("xla"):
-            assert count_kernel_calls(infer, variables, x, target=target) == 0
-        assert (
-            count_kernel_calls(partial(bf16.apply, train=False), variables, x, target=target) == 0
-        )
-
-
-@pytest.mark.parametrize("name", ["mobilenetv2_ca", "mobilenext"])
-def test_gradients_through_inference_match_xla_loops(name, monkeypatch):
-    """The kernels take their derivatives from XLA's form of the same layers, so gradients of
-    inference (saliency maps, frozen BatchNorm) work and equal those without the kernels; the
-    1x1 convs inside the kernel (all of them here), CA's pooling from it, and (mobilenetv2_ca)
-    the cache-blocked loops (nested, outputs uninitialized, the stem reading in place) included."""
-    monkeypatch.setattr(sequential, "FUSED_EXPAND_MIN_PIXELS", 0)
-    block_mb = 0.015 if name == "mobilenetv2_ca" else None  # nested loops: once is enough
-    model = ca_flax.create_model(name, num_classes=7, width_mult=0.35, inference_block_mb=block_mb)
-    x = jax.random.normal(jax.random.key(0), (2, 32, 40, 3))
-    variables = random_variables(model)
-
-    def loss(v, x):  # noqa: ANN001, ANN202
-        return jnp.sum(jnp.sin(model.apply(v, x, train=False)))
-
-    grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(variables, x)
-    with cpu_kernels.use_kernels(False):
-        plain = jax.jit(jax.grad(lambda v, x: loss(v, x), argnums=(0, 1)))(variables, x)
-    leaves = jax.tree_util.tree_leaves
-    for got, want in zip(leaves(grads), leaves(plain), strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
-    assert float(jnp.abs(plain[1]).max()) > 0  # the input gradient is not trivially zero
+        jax.jit(kernels.coordinate_gate)(x, jnp.ones((1, 5, 1, 8)), jnp.ones((1, 1, 5, 8)))
 
 
 def test_build_is_cached_per_machine_and_failures_leave_nothing(tmp_path, monkeypatch):
@@ -349,11 +228,11 @@ def test_build_is_cached_per_machine_and_failures_leave_nothing(tmp_path, monkey
     abandoned.write_bytes(b"half")
     building.write_bytes(b"half")
     os.utime(abandoned, (time.time() - 86400,) * 2)
-    built = cpu_kernels.build()
+    built = kernels.build()
     assert not abandoned.exists() and building.exists()
     assert built.parent == tmp_path / "cache" and built.stat().st_size > 0
     mtime = built.stat().st_mtime_ns
-    assert cpu_kernels.build() == built and built.stat().st_mtime_ns == mtime
+    assert kernels.build() == built and built.stat().st_mtime_ns == mtime
 
     # A compiler that answers the CPU query but fails the build, as a broken toolchain would.
     broken = tmp_path / "broken-c++"
@@ -363,10 +242,10 @@ def test_build_is_cached_per_machine_and_failures_leave_nothing(tmp_path, monkey
     broken.chmod(0o755)
     monkeypatch.setenv("CA_FLAX_KERNEL_CACHE", str(tmp_path / "failed"))
     with pytest.raises(RuntimeError, match="csrc failed:\n.*no room"):
-        cpu_kernels.build(compiler=str(broken))
+        kernels.build(compiler=str(broken))
     assert list((tmp_path / "failed").iterdir()) == []
     with pytest.raises(RuntimeError, match="compiler 'no-such-cc' on PATH"):
-        cpu_kernels.build(compiler="no-such-cc")
+        kernels.build(compiler="no-such-cc")
 
 
 @pytest.mark.parametrize(
@@ -374,20 +253,32 @@ def test_build_is_cached_per_machine_and_failures_leave_nothing(tmp_path, monkey
     [({"CA_FLAX_CPU_KERNELS": "0"}, None), ({"PATH": ""}, "no C++ compiler 'c++' on PATH")],
     ids=["opted_out", "no_compiler"],
 )
-def test_without_kernels_models_keep_xla_loops(env, warning):
+def test_without_kernels_models_and_the_backend_keep_xla_loops(env, warning):
     """CA_FLAX_CPU_KERNELS=0 turns the kernels off for the whole process; without a compiler
-    they are off too, with one warning saying why, and models still run."""
+    they are off too, with one warning saying why. Models still run, and so does the CPU
+    backend: its plan is the model's own layers, cache-blocked with zeroed loop outputs (no
+    kernel in its program), and gives the model's logits."""
     code = (
-        "import jax, ca_flax\n"
-        "from ca_flax import cpu_kernels\n"
-        "print(cpu_kernels.available())\n"
+        "import jax, numpy as np, ca_flax\n"
+        "from ca_flax import cpu\n"
+        "from ca_flax.cpu import kernels\n"
+        "from tests.helpers.tiny_models import random_variables\n"
+        "print(kernels.available(), cpu.kernels_available())\n"
         "m = ca_flax.create_model('mobilenext', num_classes=3, width_mult=0.35)\n"
-        "x = jax.numpy.ones((1, 16, 16, 3))\n"
-        "print(m.apply(m.init(jax.random.key(0), x), x).shape)\n"
+        "x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))\n"
+        "v = random_variables(m)\n"
+        "want = jax.jit(m.apply)(v, x)\n"
+        "print(want.shape)\n"
+        "infer = cpu.make_inference_fn(m, v, block_mb=0.01)  # blocked: one image a chunk\n"
+        "text = infer.jitted.lower(infer.variables, x).as_text()\n"
+        "print('ca_flax_' in text, 'stablehlo.while' in text)\n"
+        "np.testing.assert_allclose(infer(x), want, rtol=1e-5, atol=1e-5)\n"
     )
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", **env}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO), **env}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO
+    )
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split("\n")[:2] == ["False", "(1, 3)"]
+    assert out.stdout.split("\n")[:3] == ["False False", "(2, 3)", "False True"]
     if warning:
         assert out.stderr.count("CPU kernels unavailable") == 1 and warning in out.stderr

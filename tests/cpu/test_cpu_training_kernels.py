@@ -1,7 +1,7 @@
 """CPU training with ca_flax's kernels: the depthwise kernel gradient in one pass
-(`cpu_kernels.depthwise3x3_kernel_grad`) and the stride-2 input gradient
-(`cpu_kernels.depthwise3x3_input_grad_stride2`) give autodiff's numbers, alone and in whole
-train steps, and only training uses them."""
+(`kernels.depthwise3x3_kernel_grad`) and the stride-2 input gradient
+(`kernels.depthwise3x3_input_grad_stride2`) give autodiff's numbers, alone and in whole train
+steps traced inside `ca_flax.cpu.training_ops()`, and only training there uses them."""
 
 from __future__ import annotations
 
@@ -12,11 +12,18 @@ import optax
 import pytest
 
 import ca_flax
-from ca_flax import cpu_kernels
-from ca_flax.convolutions import depthwise_conv3x3, depthwise_conv3x3_train, strided
+from ca_flax import cpu, ops
+from ca_flax.cpu import kernels
+from ca_flax.cpu.training import depthwise_conv3x3_train, kernels_apply_to_training
+from ca_flax.ops import strided, windows_depthwise3x3
 from tests.helpers.tiny_models import random_variables
 
-TARGET, INPUT_TARGET = cpu_kernels.KERNEL_GRAD_TARGET, cpu_kernels.INPUT_GRAD_TARGET
+TARGET, INPUT_TARGET = kernels.KERNEL_GRAD_TARGET, kernels.INPUT_GRAD_TARGET
+
+
+def calls(text: str, target: str) -> int:
+    """Calls of kernel `target` in a lowered program."""
+    return text.count(f"@{target}(")
 
 
 def kernel_grad_float64(x: np.ndarray, g: np.ndarray, stride: int) -> np.ndarray:
@@ -46,7 +53,7 @@ def test_kernel_gradient_matches_float64(shape, stride):
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     out_shape = (shape[0], strided(shape[1], stride), strided(shape[2], stride), shape[3])
     g = np.random.default_rng(1).standard_normal(out_shape).astype(np.float32)
-    got = jax.jit(cpu_kernels.depthwise3x3_kernel_grad, static_argnums=2)(x, g, stride)
+    got = jax.jit(kernels.depthwise3x3_kernel_grad, static_argnums=2)(x, g, stride)
     want = kernel_grad_float64(x, g, stride)
     assert got.shape == (3, 3, 1, shape[3]) and got.dtype == jnp.float32
     np.testing.assert_allclose(
@@ -66,10 +73,10 @@ def test_stride2_input_gradient_matches_float64(shape):
     out_shape = (shape[0], strided(shape[1], 2), strided(shape[2], 2), shape[3])
     g = rng.standard_normal(out_shape).astype(np.float32)
     k = rng.standard_normal((3, 3, 1, shape[3])).astype(np.float32)
-    got = jax.jit(cpu_kernels.depthwise3x3_input_grad_stride2, static_argnums=2)(g, k, shape)
+    got = jax.jit(kernels.depthwise3x3_input_grad_stride2, static_argnums=2)(g, k, shape)
     with jax.enable_x64():
         x = jnp.zeros(shape, jnp.float64)
-        _, vjp = jax.vjp(lambda x: depthwise_conv3x3(x, jnp.asarray(k, jnp.float64), 2), x)
+        _, vjp = jax.vjp(lambda x: windows_depthwise3x3(x, jnp.asarray(k, jnp.float64), 2), x)
         want = np.asarray(vjp(jnp.asarray(g, jnp.float64))[0])
     assert got.shape == shape and got.dtype == jnp.float32
     np.testing.assert_allclose(
@@ -80,9 +87,9 @@ def test_stride2_input_gradient_matches_float64(shape):
 def test_kernel_gradient_refuses_a_gradient_of_another_shape():
     x, g = jnp.ones((1, 8, 8, 4)), jnp.ones((1, 8, 8, 4))
     with pytest.raises(ValueError, match=r"g \(1, 8, 8, 4\) is not the output shape"):
-        cpu_kernels.depthwise3x3_kernel_grad(x, g, 2)
+        kernels.depthwise3x3_kernel_grad(x, g, 2)
     with pytest.raises(ValueError, match=r"g \(1, 8, 8, 4\) is not the stride-2 output shape"):
-        cpu_kernels.depthwise3x3_input_grad_stride2(g, jnp.ones((3, 3, 1, 4)), (1, 8, 8, 4))
+        kernels.depthwise3x3_input_grad_stride2(g, jnp.ones((3, 3, 1, 4)), (1, 8, 8, 4))
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -98,16 +105,32 @@ def test_train_depthwise_has_autodiffs_gradients_and_batches(stride):
         return lambda x, k: jnp.sum(jnp.sin(conv(x, k, stride)))
 
     grad_fn = jax.grad(loss(depthwise_conv3x3_train), (0, 1))
-    got, want = jax.jit(grad_fn)(x, k), jax.grad(loss(depthwise_conv3x3), (0, 1))(x, k)
+    got, want = jax.jit(grad_fn)(x, k), jax.grad(loss(windows_depthwise3x3), (0, 1))(x, k)
     for a, b in zip(got, want, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
     program = jax.jit(grad_fn).lower(x, k).as_text()
     assert program.count(TARGET) == 1 and program.count(INPUT_TARGET) == (stride == 2)
     np.testing.assert_allclose(
-        depthwise_conv3x3_train(x, k, stride), depthwise_conv3x3(x, k, stride), rtol=1e-6
+        depthwise_conv3x3_train(x, k, stride), windows_depthwise3x3(x, k, stride), rtol=1e-6
     )
     per_example = jax.vmap(lambda x: grad_fn(x[None], k)[1])(x)
     np.testing.assert_allclose(per_example.sum(0), want[1], rtol=1e-4, atol=1e-4)
+
+
+def test_training_ops_take_train_mode_shifted_windows_only():
+    """Inside `training_ops()` a train-mode depthwise layer of the 'shifted_windows' form takes
+    its gradients from the kernels; inference and the 'lax_conv' form are left as they are."""
+    x, k = jnp.ones((2, 8, 8, 16)), jnp.ones((3, 3, 1, 16))
+
+    def program(train: bool, formulation: str) -> str:
+        with cpu.training_ops(), ops.conv_formulation(formulation):
+            loss = lambda x, k: jnp.sum(ops.depthwise_conv3x3(x, k, 2, train))  # noqa: E731
+            return jax.jit(jax.grad(loss, (0, 1))).lower(x, k).as_text()
+
+    text = program(True, "shifted_windows")
+    assert calls(text, TARGET) == calls(text, INPUT_TARGET) == 1
+    for text in (program(False, "shifted_windows"), program(True, "lax_conv")):
+        assert "ca_flax_" not in text
 
 
 def train_gradients(model, variables, x, labels):  # noqa: ANN001, ANN201
@@ -125,25 +148,38 @@ def train_gradients(model, variables, x, labels):  # noqa: ANN001, ANN201
 
 @pytest.mark.parametrize("name", ["mobilenetv2_ca", "mobilenext"])
 def test_train_steps_use_the_kernel_gradient_with_the_same_numbers(name):
-    """A whole train step's gradients and BatchNorm updates with the kernels equal those of
-    XLA's loops; every depthwise layer calls the kernel gradient in training (the stride-2 ones
-    the input gradient too), none in inference. Tolerance: 2e-4 relative, or 1e-6 of the
-    largest gradient: a BatchNorm bias before another BatchNorm has a true gradient of 0, and
-    its float32 values are rounding noise of that size either way."""
+    """A whole train step traced inside `training_ops()` has the gradients and BatchNorm
+    updates of one traced outside it (XLA's loops); there every depthwise layer calls the
+    kernel gradient (the stride-2 ones the input gradient too), and inference none; outside it,
+    or inside with `use_kernels(False)`, nothing calls them. Tolerance: 2e-4 relative, or 1e-6 of
+    the largest gradient: a BatchNorm bias before another BatchNorm has a true gradient of 0,
+    and its float32 values are rounding noise of that size either way."""
     model = ca_flax.create_model(name, num_classes=7, width_mult=0.35, dropout_rate=0.0)
     variables = random_variables(model)
     x = jax.random.normal(jax.random.key(0), (4, 32, 40, 3))
     labels = jnp.arange(4) % 7
-    step = jax.jit(train_gradients, static_argnums=0)
-    got = step(model, variables, x, labels)
-    with cpu_kernels.use_kernels(False):
-        want = jax.jit(lambda *a: train_gradients(model, *a))(variables, x, labels)
+    args = (variables, x, labels)
+
+    def lower_step() -> jax.stages.Lowered:
+        """The train step traced afresh (jit caches traces, not the ops in force)."""
+        return jax.jit(lambda *a: train_gradients(model, *a)).lower(*args)
+
+    with cpu.training_ops():
+        assert kernels_apply_to_training()
+        fused = lower_step()
+        inference = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x)
+    plain = lower_step()
+    got, want = fused.compile()(*args), plain.compile()(*args)
     leaves = jax.tree_util.tree_leaves
     largest = max(float(jnp.abs(b).max()) for b in leaves(want))
     for a, b in zip(leaves(got), leaves(want), strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6 * largest)
     depthwise = sum(leaf.shape[:3] == (3, 3, 1) for leaf in leaves(variables["params"]))
-    program = step.lower(model, variables, x, labels).as_text()
-    assert depthwise > 0 and program.count(TARGET) == depthwise and INPUT_TARGET in program
-    inference = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x)
-    assert TARGET not in inference.as_text() and INPUT_TARGET not in inference.as_text()
+    program = fused.as_text()
+    assert depthwise > 0 and calls(program, TARGET) == depthwise
+    assert calls(program, INPUT_TARGET) == 4  # both families' stride-2 depthwise layers
+    for text in (inference.as_text(), plain.as_text()):
+        assert "ca_flax_" not in text
+    with cpu.use_kernels(False), cpu.training_ops():
+        assert not kernels_apply_to_training()
+        assert "ca_flax_" not in lower_step().as_text()

@@ -7,14 +7,14 @@ import sys
 
 import pytest
 
-from ca_flax import hugepages
+from ca_flax.cpu import hugepages
 
 # Re-executes (as train.py and the bench do), then reports what the process ended up with
 # after filling a 64 MiB malloc block (as XLA's temporaries are; numpy madvises on its own):
 # its argv, tunables, and anonymous huge-page memory.
 PROBE = """
 import ctypes, json, re, sys
-from ca_flax import hugepages
+from ca_flax.cpu import hugepages
 hugepages.reexec_with_huge_pages()
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p

@@ -20,9 +20,12 @@ import pytest
 import torch
 
 import ca_flax
+from ca_flax import cpu
 from ca_flax.convert import convert_state_dict, expected_layout, torch_reference
-from ca_flax.convolutions import accum_dtype
-from ca_flax.layers import CONV_FORMULATIONS, conv_formulation
+from ca_flax.cpu.kernels import KERNEL_GRAD_TARGET
+from ca_flax.cpu.training import kernels_apply_to_training
+from ca_flax.models.layers import BatchNorm
+from ca_flax.ops import FORMULATIONS, accum_dtype, conv_formulation
 
 NUM_CLASSES = 10
 
@@ -38,7 +41,9 @@ def torch_step(ref: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
     return loss.item(), grads, buffers
 
 
-def flax_step(name: str, state: dict, x: np.ndarray, y: np.ndarray, dtype, jit: bool):
+def flax_step(name: str, state: dict, x: np.ndarray, y: np.ndarray, dtype):
+    """Loss, gradients and updated statistics of one jitted train-mode step, and how many calls
+    of the CPU backend's depthwise gradient kernels its program makes."""
     variables = convert_state_dict(state, name, num_classes=NUM_CLASSES)
     model = ca_flax.create_model(name, num_classes=NUM_CLASSES, dropout_rate=0.0, dtype=dtype)
 
@@ -53,8 +58,10 @@ def flax_step(name: str, state: dict, x: np.ndarray, y: np.ndarray, dtype, jit: 
         return loss, new_state["batch_stats"]
 
     step = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, stats), grads = (jax.jit(step) if jit else step)(variables["params"])
-    return float(loss), grads, stats
+    lowered = jax.jit(step).lower(variables["params"])  # traced here, in the caller's context
+    kernel_calls = lowered.as_text().count(KERNEL_GRAD_TARGET)
+    (loss, stats), grads = lowered.compile()(variables["params"])
+    return float(loss), grads, stats, kernel_calls
 
 
 def by_torch_key(name: str, grads, stats) -> dict[str, np.ndarray]:
@@ -97,11 +104,13 @@ def rounding_noise(ref: torch.nn.Module, x, y, truth: dict, floor: float) -> lis
     return draws
 
 
-@pytest.mark.parametrize("formulation", CONV_FORMULATIONS)
+@pytest.mark.parametrize("formulation", FORMULATIONS)
 @pytest.mark.parametrize("name", ["mobilenetv2_ca", "mobilenext"])
 def test_one_train_step_matches_pytorch(name, formulation):
-    """In each formulation: 'windows' (CPU) and 'xla' (GPU and TPU, with the fused BatchNorm
-    gradient) are both held to PyTorch."""
+    """In each formulation: 'shifted_windows' (CPU) and 'lax_conv' (GPU and TPU, with the fused
+    BatchNorm gradient) are both held to PyTorch. The float32 step is traced inside the CPU
+    backend's `training_ops`, as the trainer traces it: under 'shifted_windows' on one CPU
+    device its depthwise gradients come from the CPU kernels (where they are built)."""
     ref32 = torch_reference.randomize(torch_reference.build(name, num_classes=NUM_CLASSES), 5)
     ref64 = copy.deepcopy(ref32).double()
     gen = torch.Generator().manual_seed(6)
@@ -118,8 +127,8 @@ def test_one_train_step_matches_pytorch(name, formulation):
     floor = 1e-6 * max(np.linalg.norm(g) for g in grads_t64.values())
 
     with jax.enable_x64(True), conv_formulation(formulation):
-        loss_f64, grads_f64, stats_f64 = flax_step(
-            name, state64, x_nhwc.astype(np.float64), y.numpy(), jnp.float64, jit=True
+        loss_f64, grads_f64, stats_f64, _ = flax_step(
+            name, state64, x_nhwc.astype(np.float64), y.numpy(), jnp.float64
         )
         flax64 = by_torch_key(name, grads_f64, stats_f64)
     assert abs(loss_f64 - loss_t64) <= 1e-4 * abs(loss_t64)
@@ -134,10 +143,12 @@ def test_one_train_step_matches_pytorch(name, formulation):
     # is a lottery, for PyTorch too (its median error is 5e-5 to 3e-2 across seeds and sizes).
     # Bound the median and worst error over all tensors by 2x the worst of PyTorch's float32
     # and of two float64 runs with parameters moved by 1e-6.
-    with conv_formulation(formulation):
-        loss_f32, grads_f32, stats_f32 = flax_step(
-            name, state32, x_nhwc, y.numpy(), jnp.float32, jit=True
+    with conv_formulation(formulation), cpu.training_ops():
+        loss_f32, grads_f32, stats_f32, kernel_calls = flax_step(
+            name, state32, x_nhwc, y.numpy(), jnp.float32
         )
+    kernels_here = formulation == "shifted_windows" and kernels_apply_to_training()
+    assert kernel_calls > 0 if kernels_here else kernel_calls == 0, kernel_calls
     flax32 = by_torch_key(name, grads_f32, stats_f32)
     np.testing.assert_allclose(loss_f32, loss_t32, rtol=1e-5)
     ours = errors(flax32, grads_t64, floor)
@@ -201,7 +212,7 @@ def batchnorm_train_step(x, dy, params, stats, dtype, formulation) -> dict[str, 
     """y, dx, dscale, dbias and the updated running mean and var of one train-mode BatchNorm
     with loss <y, dy>, traced in `formulation`, as float64 arrays. Parameters and statistics
     are held in the accumulation dtype, as in the models; the gradients keep their dtypes."""
-    bn = ca_flax.layers.BatchNorm(dtype=dtype)
+    bn = BatchNorm(dtype=dtype)
     acc = accum_dtype(dtype)
     params, stats = (jax.tree.map(lambda a: jnp.asarray(a, acc), t) for t in (params, stats))
 
@@ -219,11 +230,12 @@ def batchnorm_train_step(x, dy, params, stats, dtype, formulation) -> dict[str, 
     return {k: np.asarray(v, np.float64) for k, v in outputs.items()}
 
 
-@pytest.mark.parametrize("formulation", CONV_FORMULATIONS)
+@pytest.mark.parametrize("formulation", FORMULATIONS)
 def test_float32_batchnorm_keeps_its_digits_far_from_zero(formulation):
     """Train-mode BatchNorm in float32 on inputs whose mean is 1000x their spread, where an
     E[x^2]-E[x]^2 variance loses its digits: outputs, gradients and running statistics stay
-    within 1e-3 of float64, for the autodiff ('windows') and the fused ('xla') gradient.
+    within 1e-3 of float64, for the autodiff ('shifted_windows') and the fused ('lax_conv')
+    gradient.
     The network-level check cannot resolve this through the chaos."""
     rng = np.random.default_rng(0)
     x = 1000.0 + rng.standard_normal((4, 6, 6, 8))
@@ -232,14 +244,15 @@ def test_float32_batchnorm_keeps_its_digits_far_from_zero(formulation):
     stats = {"mean": np.zeros(8), "var": np.ones(8)}
 
     with jax.enable_x64(True):  # the textbook: two passes, autodiff
-        want = batchnorm_train_step(x, dy, params, stats, jnp.float64, "windows")
+        want = batchnorm_train_step(x, dy, params, stats, jnp.float64, "shifted_windows")
     got = batchnorm_train_step(x, dy, params, stats, jnp.float32, formulation)
     for name, b in want.items():
         assert rel_err(got[name], b, 1e-30) < 1e-3, (name, rel_err(got[name], b, 1e-30))
 
 
 def test_fused_batchnorm_gradient_is_autodiffs():
-    """The 'xla' formulation's written-out BatchNorm gradient equals autodiff's ('windows'):
+    """The 'lax_conv' formulation's written-out BatchNorm gradient equals autodiff's
+    ('shifted_windows'):
     outputs, input and parameter gradients and running statistics agree to float64 rounding.
     In bf16 both keep the dtypes (bf16 input gradient, fp32 parameter gradients) and stay within
     1% of the float64 truth: scale and bias gradients are summed in fp32 (summed in bf16, they
@@ -253,11 +266,11 @@ def test_fused_batchnorm_gradient_is_autodiffs():
     x = np.asarray(jnp.asarray(x, jnp.bfloat16), np.float64)  # exact in both dtypes
     dy = np.asarray(jnp.asarray(dy, jnp.bfloat16), np.float64)
     with jax.enable_x64(True):
-        truth = batchnorm_train_step(x, dy, params, stats, jnp.float64, "windows")
-        fused = batchnorm_train_step(x, dy, params, stats, jnp.float64, "xla")
+        truth = batchnorm_train_step(x, dy, params, stats, jnp.float64, "shifted_windows")
+        fused = batchnorm_train_step(x, dy, params, stats, jnp.float64, "lax_conv")
     for k, want in truth.items():
         assert rel_err(fused[k], want, 1e-30) < 1e-12, k
-    for formulation in CONV_FORMULATIONS:
+    for formulation in FORMULATIONS:
         bf16 = batchnorm_train_step(x, dy, params, stats, jnp.bfloat16, formulation)
         for k, want in truth.items():
             err = rel_err(bf16[k], want, 1e-30)

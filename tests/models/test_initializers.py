@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import ca_flax
-from ca_flax.initializers import conv_init, dense_init
+from ca_flax.models.initializers import conv_init, dense_init
 
 X = jnp.zeros((1, 32, 32, 3))
 

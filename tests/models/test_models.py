@@ -1,4 +1,5 @@
-"""Model structure: parameter counts, the depthwise formulation, the public API."""
+"""Model structure: parameter counts, the conv formulations, the public API, pure-JAX programs,
+and checkpoints written before the redesign."""
 
 from __future__ import annotations
 
@@ -12,12 +13,20 @@ import numpy as np
 import pytest
 
 import ca_flax
-from ca_flax import cpu_kernels
-from ca_flax.blocking import chunk_size
-from ca_flax.convolutions import conv3x3_im2col, depthwise_conv3x3, xla_conv
-from ca_flax.layers import active_conv_formulation, conv_formulation, make_divisible
+from ca_flax.cpu.blocking import chunk_size
+from ca_flax.models.layers import make_divisible
+from ca_flax.ops import (
+    active_formulation,
+    conv_formulation,
+    im2col_conv3x3,
+    lax_conv,
+    windows_depthwise3x3,
+)
 from ca_flax.summary import count_params
+from tests.helpers import DATA
 from tests.helpers.tiny_models import random_variables
+
+LEGACY = DATA / "legacy"
 
 # Exact counts of the released layouts; SE/CBAM/MobileNeXt+CA as derived in summary.py.
 EXACT = {
@@ -56,48 +65,80 @@ def test_make_divisible_rounding_rules():
 @pytest.mark.parametrize("depthwise", [True, False], ids=["depthwise", "dense"])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("hw", [(8, 8), (7, 9), (6, 5)])
-def test_shifted_window_convs_equal_xla_convolution(depthwise, stride, hw):
+def test_shifted_window_convs_equal_lax_convolution(depthwise, stride, hw):
     """Nine shifted multiplies (depthwise) and nine windows as one matmul (dense stem) are the
-    same convolutions as XLA's, forward and backward (where grouped convs are slowest)."""
+    same convolutions as lax's, forward and backward (where grouped convs are slowest)."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((2, *hw, 5)), jnp.float32)
     k = jnp.asarray(rng.standard_normal((3, 3, 1 if depthwise else 5, 5 if depthwise else 7)))
 
     def ours(x, k):
-        return depthwise_conv3x3(x, k, stride) if depthwise else conv3x3_im2col(x, k, stride)
+        return windows_depthwise3x3(x, k, stride) if depthwise else im2col_conv3x3(x, k, stride)
 
-    def lax_conv(x, k):
-        return xla_conv(x, k, stride, depthwise=depthwise)
+    def reference(x, k):
+        return lax_conv(x, k, stride, depthwise=depthwise)
 
-    np.testing.assert_allclose(ours(x, k), lax_conv(x, k), atol=1e-5)
+    np.testing.assert_allclose(ours(x, k), reference(x, k), atol=1e-5)
     grad = jax.grad(lambda x, k: jnp.sum(ours(x, k) ** 2), (0, 1))(x, k)
-    grad_ref = jax.grad(lambda x, k: jnp.sum(lax_conv(x, k) ** 2), (0, 1))(x, k)
+    grad_ref = jax.grad(lambda x, k: jnp.sum(reference(x, k) ** 2), (0, 1))(x, k)
     for a, b in zip(grad, grad_ref, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["mobilenetv2_ca", "mobilenext"])
 def test_conv_formulations_are_the_same_model(name):
-    """'windows' (CPU speed forms) and 'xla' (lax convs, cuDNN on GPU) give the same logits from
-    the same variables, and the switch really switches. Their gradients are compared layer by
-    layer above: through a whole random network, ReLU6 kinks make per-element fp32 gradients
-    a lottery (one seed put either formulation 6e-3 from float64, another both at 2e-5)."""
-    model = ca_flax.create_model(name, num_classes=7, width_mult=0.35, inference_block_mb=0)
+    """'shifted_windows' (CPU speed forms) and 'lax_conv' (lax convs, cuDNN on GPU) give the
+    same logits from the same variables, and the switch really switches. Their gradients are
+    compared layer by layer above: through a whole random network, ReLU6 kinks make per-element
+    fp32 gradients a lottery (one seed put either formulation 6e-3 from float64, another both
+    at 2e-5)."""
+    model = ca_flax.create_model(name, num_classes=7, width_mult=0.35)
     x = jax.random.normal(jax.random.key(0), (2, 33, 40, 3))
     variables = random_variables(model)
     logits, convs = {}, {}
-    for formulation in ("windows", "xla"):
+    for formulation in ("shifted_windows", "lax_conv"):
         with conv_formulation(formulation):
-            assert active_conv_formulation() == formulation
+            assert active_formulation() == formulation
             apply = partial(model.apply, variables)
             convs[formulation] = str(jax.make_jaxpr(apply)(x)).count("conv_general_dilated")
             logits[formulation] = jax.jit(apply)(x)
-    assert active_conv_formulation() == "windows"  # the CPU default, restored after the block
-    assert convs["windows"] == 0 and convs["xla"] > 0
-    np.testing.assert_allclose(logits["windows"], logits["xla"], rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="windows"):
+    assert active_formulation() == "shifted_windows"  # the CPU default, restored after the block
+    assert convs["shifted_windows"] == 0 and convs["lax_conv"] > 0
+    np.testing.assert_allclose(logits["shifted_windows"], logits["lax_conv"], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="shifted_windows"):
         with conv_formulation("cudnn"):
             pass
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2_ca", "mobilenetv2_cbam", "mobilenext_ca"])
+def test_plain_apply_on_cpu_is_pure_jax(name):
+    """A jitted `model.apply` on the CPU is plain JAX, in inference and in training: no call
+    of ca_flax's CPU kernels and no `cond` (gates), even with the kernels built. Those belong
+    to the CPU backend (`ca_flax.cpu.make_plan`), whose program shows them, as a control that
+    the strings looked for are the ones a kernel call or a cond leaves."""
+    from ca_flax import cpu
+
+    assert jax.default_backend() == "cpu"
+    model = ca_flax.create_model(name, num_classes=7, width_mult=0.35)
+    variables = random_variables(model)
+    x = jnp.ones((2, 32, 32, 3))
+    kernel_call = 'custom_call_target="ca_flax_'
+
+    def texts(fn, *args):
+        """The jaxpr's text and the lowered program's HLO text of `jax.jit(fn)(*args)`."""
+        jitted = jax.jit(fn)
+        return str(jax.make_jaxpr(jitted)(*args)), jitted.lower(*args).as_text(dialect="hlo")
+
+    built = cpu.kernels_available()
+    rngs = {"dropout": jax.random.key(1)}
+    for train in (False, True):
+        apply = partial(model.apply, train=train, mutable=["batch_stats"], rngs=rngs)
+        jaxpr, hlo = texts(apply, variables, x)
+        assert "cond[" not in jaxpr, train
+        assert "ca_flax_" not in jaxpr and kernel_call not in hlo, train
+    if built:
+        plan = cpu.make_plan(model, variables)
+        assert kernel_call in texts(plan, plan.variables, x)[1]
 
 
 @pytest.mark.parametrize("name", ca_flax.list_models())
@@ -143,85 +184,24 @@ def test_coord_attention_gates_by_height_and_width():
     out, state = block.apply(variables, x, mutable=["intermediates"])
     a_h, a_w = state["intermediates"]["a_h"][0], state["intermediates"]["a_w"][0]
     assert a_h.shape == (2, 6, 1, 16) and a_w.shape == (2, 1, 10, 16)
-    np.testing.assert_array_equal(out, x * a_h * a_w)  # bitwise, through the CPU gate kernel
+    np.testing.assert_array_equal(out, x * a_h * a_w)  # bitwise: the gates, multiplied in
     assert variables["params"]["conv1"]["kernel"].shape == (1, 1, 16, 8)  # mip = max(8, C // 32)
+    # `gates` is the attention alone, from the pooled strips.
+    x_h, x_w = jnp.mean(x, axis=2, keepdims=True), jnp.mean(x, axis=1, keepdims=True)
+    gates = block.apply(variables, x_h, x_w, method=ca_flax.CoordAttention.gates)
+    np.testing.assert_array_equal(gates[0], a_h)
+    np.testing.assert_array_equal(gates[1], a_w)
 
 
-@pytest.mark.parametrize(
-    ("block", "gates"),
-    [
-        (ca_flax.CoordAttention, 1),
-        (lambda: ca_flax.SqueezeExcite(4), 1),
-        (lambda: ca_flax.CBAM(4), 2),
-    ],
-    ids=["ca", "se", "cbam"],
-)
-def test_cpu_inference_gates_are_their_own_computation(block, gates):
-    """Under 'windows' at inference each attention gate (CBAM has two) runs inside a `cond`, so
-    XLA:CPU reads the gated activation as written instead of re-running its producer (see
-    `apply_gates`), or, for CA where ca_flax's CPU kernels run, as the gate kernel (opaque to
-    XLA as well); training and the 'xla' formulation keep the plain product."""
-    x = jax.random.normal(jax.random.key(0), (2, 6, 10, 16))
-    variables = block().init(jax.random.key(1), x)
-
-    def program(formulation: str, train: bool) -> str:
-        with conv_formulation(formulation):
-            apply = partial(block().apply, variables, train=train, mutable=["batch_stats"])
-            return str(jax.make_jaxpr(apply)(x))
-
-    kernel_gates = program("windows", train=False).count(cpu_kernels.GATE_TARGET)
-    assert kernel_gates == (block is ca_flax.CoordAttention)
-    assert program("windows", train=False).count("cond[") == gates - kernel_gates
-    with cpu_kernels.use_kernels(False):
-        assert program("windows", train=False).count("cond[") == gates
-    for text in (program("windows", train=True), program("xla", train=False)):
-        assert text.count("cond[") == text.count(cpu_kernels.GATE_TARGET) == 0
-
-
-def scan_depth(jaxpr: jax.extend.core.Jaxpr) -> int:
-    """How deeply `scan`s nest in `jaxpr` (0: no scan)."""
-    depth = 0
-    for eqn in jaxpr.eqns:
-        inner = [scan_depth(p.jaxpr) for p in eqn.params.values() if hasattr(p, "jaxpr")]
-        depth = max(depth, (eqn.primitive.name == "scan") + max(inner, default=0))
-    return depth
-
-
-@pytest.mark.parametrize("name", ["mobilenetv2_ca", "mobilenext"])
-def test_cache_blocked_inference_is_the_same_computation(name):
-    # float64, so that the comparison sees the computation, not float32 rounding (in float32
-    # both paths are ~1e-4 from the float64 truth on this random 20-block network).
-    with jax.enable_x64(True):
-        model = ca_flax.create_model(
-            name, width_mult=0.35, num_classes=10, inference_block_mb=0.0, dtype=jnp.float64
-        )
-        x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 32, 24, 3)))
-        variables = jax.tree_util.tree_map(jnp.float64, random_variables(model))
-        want = jax.jit(model.apply)(variables, x)
-        # A budget this small gives chunks from one image up to the whole batch.
-        blocked = model.clone(inference_block_mb=0.015)
-        assert scan_depth(jax.make_jaxpr(blocked.apply)(variables, x).jaxpr) == 2  # nested
-        got = jax.jit(blocked.apply)(variables, x)
-        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
-        # Training never blocks (batch statistics span the batch): same outputs and updates.
-        kwargs = {"train": True, "mutable": ["batch_stats"], "rngs": {"dropout": jax.random.key(1)}}
-        out_a, upd_a = jax.jit(partial(model.apply, **kwargs))(variables, x)
-        out_b, upd_b = jax.jit(partial(blocked.apply, **kwargs))(variables, x)
-    np.testing.assert_array_equal(out_a, out_b)
-    chex.assert_trees_all_equal(upd_a, upd_b)
-
-
-@pytest.mark.parametrize("block_mb", [None, 0.0], ids=["blocked", "unblocked"])
-def test_empty_batch_gives_empty_logits(block_mb):
-    """An empty batch (a last partial batch of nothing) is no error, blocked or not, CA included."""
-    model = ca_flax.create_model("mobilenetv2_ca", num_classes=7, width_mult=0.35,
-                                 inference_block_mb=block_mb)  # fmt: skip
+def test_empty_batch_gives_empty_logits():
+    """An empty batch (a last partial batch of nothing) is no error, CA included."""
+    model = ca_flax.create_model("mobilenetv2_ca", num_classes=7, width_mult=0.35)
     variables = ca_flax.init_variables(model, jax.random.key(0), jnp.ones((1, 32, 32, 3)))
     assert model.apply(variables, jnp.ones((0, 32, 32, 3))).shape == (0, 7)
 
 
-def test_symbolic_batch_exports_with_default_blocking():
-    """jax.export with a polymorphic batch runs unblocked (no chunk size divides `b`)."""
+def test_symbolic_batch_exports():
+    """jax.export with a polymorphic batch: the exported model runs any batch size."""
     model = ca_flax.create_model("mobilenetv2_ca", num_classes=7, width_mult=0.35)
     variables = ca_flax.init_variables(model, jax.random.key(0), jnp.ones((1, 32, 32, 3)))
     spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape("b, 32, 32, 3"), jnp.float32)
@@ -230,6 +210,22 @@ def test_symbolic_batch_exports_with_default_blocking():
     np.testing.assert_allclose(exported.call(x), model.apply(variables, x), atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["mobilenetv2_ca", "mobilenetv2_cbam", "mobilenext_ca"])
+def test_checkpoints_written_before_the_redesign_load_exactly(name):
+    """Converted-checkpoint directories written by the code before the redesign
+    (tests/data/legacy/make_legacy.py) load into the new models and give the logits that code
+    computed, and hold the tree `init_variables` makes: the redesign kept every parameter path."""
+    expected = np.load(LEGACY / "expected.npz")
+    images = jnp.asarray(expected["images"])
+    model, variables = ca_flax.load_pretrained(LEGACY / name)
+    logits = jax.jit(partial(model.apply, train=False))(variables, images)
+    assert logits.shape == expected[name].shape
+    assert np.max(np.abs(np.asarray(logits) - expected[name])) <= 1e-6
+    fresh = ca_flax.init_variables(model, jax.random.key(0), images[:1], train=False)
+    chex.assert_trees_all_equal_shapes_and_dtypes(variables, fresh)
+
+
+# The CPU backend's cache blocking (`ca_flax.cpu.blocking`); a pure function of sizes.
 def test_chunk_size_is_the_largest_divisor_within_budget():
     mb = 2**20
     assert chunk_size(16, 3 * mb, 3.0) == 1

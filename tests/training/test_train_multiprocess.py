@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import ca_flax
-from ca_flax.initializers import init_variables
+from ca_flax.models.initializers import init_variables
 from ca_flax.pretrained import save_pretrained
 from ca_flax.training import optim, steps, trainer
 from ca_flax.training.checkpoints import Checkpointer

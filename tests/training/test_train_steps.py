@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from ca_flax.layers import BatchNorm
+from ca_flax.models.layers import BatchNorm
 from ca_flax.training import optim, steps
 from tests.helpers import training
 

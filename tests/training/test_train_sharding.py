@@ -1,7 +1,7 @@
 """A train step sharded over 8 simulated CPU devices equals the same step on one device.
 
 Both are built as the trainer builds them, with the CPU backend's training ops
-(`backend_ops=cpu.training_ops`): a one-device process takes its depthwise gradients from the
+(`backend_ops=cpu.training_ops` for the mesh's size): a one-device process takes its depthwise gradients from the
 CPU kernels (where built, under 'shifted_windows'), an 8-device one keeps XLA's loops (a kernel
 call would gather the sharded batch on every device). So the single-device step runs in a
 process of its own, and the 8-device process compares its step with the one saved there.
@@ -25,6 +25,7 @@ from ca_flax.ops import FORMULATIONS
 from tests.helpers import training
 
 SCRIPT = r"""
+import functools
 import sys
 import jax, numpy as np
 from configs import quickstart
@@ -51,7 +52,8 @@ def kernel_calls(text):
 
 mesh = steps.create_mesh(devices)
 state = steps.init_state(model, tx, 32, 0, True, mesh)
-train_fn = steps.make_train_step(model, tx, c, schedule, backend_ops=cpu.training_ops)
+ops = functools.partial(cpu.training_ops, mesh.size)  # as the trainer builds its step
+train_fn = steps.make_train_step(model, tx, c, schedule, backend_ops=ops)
 train, evaluate = steps.jit_steps(train_fn, steps.make_eval_step(model), mesh)
 b = next(data.train_batches(0))
 batch = steps.global_batch({"image": b["image"], "label": b["label"]}, mesh)

@@ -21,7 +21,7 @@ SPREAD_OVER_TWO_CPU_DEVICES = textwrap.dedent(
     from tests.helpers.tiny_models import random_variables
     assert jax.device_count() == 2, jax.devices()
     assert not cpu.use_cpu_cores(3)  # JAX has started: its devices stay
-    assert not kernels_apply_to_training()  # a kernel call cannot split a sharded batch
+    assert not kernels_apply_to_training(jax.device_count())  # a kernel call cannot split a sharded batch
     rng = np.random.default_rng(0)
     for name in ("mobilenetv2_ca", "mobilenext_ca"):
         model = ca_flax.create_model(name, width_mult=0.35, num_classes=10)
